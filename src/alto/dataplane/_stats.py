@@ -1,0 +1,120 @@
+"""Immutable statistics snapshots and the narrow command interface of the runtime.
+
+The control plane (``alto.control``) sees the dataplane only through these: it calls
+``Runtime.statistics()`` for a frozen :class:`RuntimeStatistics` and changes the dataplane
+only through the methods of :class:`RuntimeCommands`. Nothing here refers to relay
+internals, so the control plane can be tested against a fake that implements the protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class InstanceState(enum.StrEnum):
+    STARTING = "starting"   # process spawned, not registered yet
+    READY = "ready"         # registered, takes new work
+    DRAINING = "draining"   # takes no new groups; finishing what is pinned or in flight
+    STOPPED = "stopped"     # ended on purpose
+    CRASHED = "crashed"     # ended on its own (exit code or lost connection)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatistics:
+    instance_id: int
+    stage: str
+    state: InstanceState
+    queue_depth: int          # frames dispatched minus frames acknowledged
+    credits: int              # the most unacknowledged frames it may hold
+    backlog: int              # frames held in the runtime waiting for a credit
+    open_groups: int          # aggregation groups pinned to it
+    frames_in: int            # frames it sent to the runtime
+    frames_out: int           # frames the runtime sent to it
+    pid: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StageStatistics:
+    name: str
+    scheduler: str
+    stateful: bool
+    aggregate_level: int | None
+    fanout: bool
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    instances: tuple[int, ...]   # ids of instances that are not stopped
+    target_instances: int
+    frames_processed: int
+    errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatistics:
+    pipeline: str
+    time: float                       # trio.current_time() of the snapshot
+    stages: tuple[StageStatistics, ...]
+    instances: tuple[InstanceStatistics, ...]
+    requests_in_flight: int
+    requests_submitted: int
+    requests_completed: int
+    requests_failed: int
+    requests_refused: int
+    frames_relayed: int
+    max_inflight_requests: int
+    scale_events: int
+    edges: tuple[tuple[str, str, str], ...] = field(default=())  # (from stage or "ingress", queue, to stage or "sink")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    """One event of a request's result stream.
+
+    ``kind`` is ``"accepted"`` (``request_id`` set), ``"result"`` (``queue``,
+    ``key_path`` and ``payload`` set: protobuf bytes of the queue's type), ``"done"`` or
+    ``"error"`` (``message`` set).
+    """
+
+    kind: str
+    request_id: int
+    queue: str = ""
+    key_path: tuple[int, ...] = ()
+    payload: bytes = b""
+    message: str = ""
+    time: float = 0.0
+
+
+class RuntimeCommands(Protocol):
+    """What the control plane may ask of the runtime."""
+
+    def statistics(self) -> RuntimeStatistics: ...
+
+    async def scale(self, stage: str, instances: int) -> None:
+        """Spawn or drain instances until ``stage`` has ``instances`` of them.
+
+        Raises KeyError for an unknown stage and ValueError for a count below 1.
+        """
+
+    async def drain(self, instance_id: int) -> None:
+        """Stop routing new groups to the instance, let pinned work finish, then stop it.
+
+        Raises KeyError for an unknown instance.
+        """
+
+    def submit(self, payload: bytes) -> AsyncIterator[RequestEvent]:
+        """Submit one request (protobuf bytes of the pipeline's input type).
+
+        Yields an ``accepted`` event, then results as they reach the sink, then ``done``
+        or ``error``. Raises :class:`alto.OverloadedError` at once when the runtime is past
+        its in-flight limit.
+        """
+        ...
+
+    def input_type(self) -> Any:
+        """The protobuf message class of the pipeline's input queue."""
+
+    def queue_type(self, queue: str) -> Any:
+        """The protobuf message class of a queue (KeyError if unknown)."""
