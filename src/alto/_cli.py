@@ -1,0 +1,190 @@
+"""The ``alto`` command line.
+
+    alto serve PIPELINE.toml [--deploy DEPLOY.toml] [--tcp HOST:PORT] [--http HOST:PORT | --no-http] [--token T]
+    alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N]
+    alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T
+    alto status | scale STAGE N | top      (talk to the HTTP control plane)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._errors import AltoError
+
+DEFAULT_HTTP = "127.0.0.1:8470"
+
+
+def _pipeline_name(arg: str) -> str:
+    """A pipeline name, or the name inside a pipeline file."""
+    if arg.endswith(".toml") or Path(arg).is_file():
+        from ._config import load_pipeline
+
+        return load_pipeline(arg).name
+    return arg
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._serve import ServeInfo, serve
+
+    def ready(info: ServeInfo) -> None:
+        print(f"alto: pipeline {info.pipeline!r} is ready", file=sys.stderr)
+        if info.http_url:
+            print(f"alto: dashboard and API at {info.http_url}/", file=sys.stderr)
+        print(f"alto: submit with: alto submit {info.pipeline} '<json input>'", file=sys.stderr)
+
+    trio.run(lambda: serve(args.pipeline, args.deploy, tcp=args.tcp, http=None if args.no_http else args.http, token=args.token, on_ready=ready))
+    return 0
+
+
+def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for text in args.inputs:
+        items.append(json.loads(text))
+    if args.file:
+        with open(args.file) as f:
+            items.extend(json.loads(line) for line in f if line.strip())
+    if not items:
+        raise AltoError("nothing to submit: give JSON inputs or --file")
+    return items
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from ._client import open_client
+
+    name = _pipeline_name(args.pipeline)
+    inputs = _inputs(args)
+    failures = 0
+
+    async def main() -> None:
+        nonlocal failures
+        async with open_client(name, address=args.address, token=args.token) as client:
+            typ = client.message_type(client.input_queue)
+            limiter = trio.CapacityLimiter(args.concurrency)
+
+            async def one(i: int, data: dict[str, Any]) -> None:
+                nonlocal failures
+                async with limiter:
+                    t0 = trio.current_time()
+                    msg = json_format.ParseDict(data, typ())
+                    try:
+                        async for r in client.submit(msg):
+                            out = json_format.MessageToDict(r.message) if not isinstance(r.message, bytes) else r.message.hex()
+                            print(json.dumps({"input": i, "request": r.request_id, "t": round(trio.current_time() - t0, 3), "queue": r.queue, "key_path": list(r.key_path), "output": out}), flush=True)
+                    except AltoError as exc:
+                        failures += 1
+                        print(json.dumps({"input": i, "error": str(exc)}), flush=True)
+                    else:
+                        print(json.dumps({"input": i, "done": True, "t": round(trio.current_time() - t0, 3)}), flush=True)
+
+            async with trio.open_nursery() as n:
+                for i, data in enumerate(inputs):
+                    n.start_soon(one, i, data)
+
+    trio.run(main)
+    return 1 if failures else 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from . import _worker
+
+    os.environ.update(ALTO_PIPELINE=args.pipeline, ALTO_STAGE=args.stage, ALTO_ADDRESS=args.connect)
+    token = args.token or os.environ.get("ALTO_TOKEN")
+    if not token:
+        raise AltoError("a remote instance needs the runtime's token: --token or ALTO_TOKEN")
+    os.environ["ALTO_TOKEN"] = token
+    os.environ.pop("ALTO_INSTANCE", None)
+    _worker.main()
+    return 0
+
+
+def _http_url(args: argparse.Namespace) -> str:
+    url: str = args.url or os.environ.get("ALTO_URL") or f"http://{DEFAULT_HTTP}"
+    return url.rstrip("/")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .control import _cli as c
+
+    return c.status(_http_url(args), args.token)
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .control import _cli as c
+
+    return c.scale(_http_url(args), args.stage, args.instances, args.token)
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from .control import _cli as c
+
+    return c.top(_http_url(args), args.token, args.iterations)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alto", description="Serve compound AI pipelines with partial-output streaming.")
+    p.add_argument("--log-level", default=os.environ.get("ALTO_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a pipeline: the runtime, its instances and the HTTP control plane")
+    s.add_argument("pipeline", help="pipeline file (TOML)")
+    s.add_argument("--deploy", help="deployment file (TOML): instances per stage, runtime limits")
+    s.add_argument("--tcp", help="also accept instances and clients on HOST:PORT (needs a token off loopback)")
+    s.add_argument("--http", default=DEFAULT_HTTP, help=f"control plane address (default {DEFAULT_HTTP})")
+    s.add_argument("--no-http", action="store_true", help="do not start the control plane")
+    s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"), help="shared token (default: ALTO_TOKEN, else random)")
+    s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("submit", help="submit requests and stream their results as JSON lines")
+    s.add_argument("pipeline", help="pipeline name or file")
+    s.add_argument("inputs", nargs="*", help="JSON inputs (the input queue's message as JSON)")
+    s.add_argument("--file", help="a JSON-lines file of inputs")
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--address", help="unix:/path or HOST:PORT (default: the discovery file)")
+    s.add_argument("--token", default=None)
+    s.set_defaults(fn=_cmd_submit)
+
+    s = sub.add_parser("worker", help="run one stage instance that connects to a runtime over TCP")
+    s.add_argument("--pipeline", required=True)
+    s.add_argument("--stage", required=True)
+    s.add_argument("--connect", required=True, help="HOST:PORT of alto serve --tcp")
+    s.add_argument("--token", default=None)
+    s.set_defaults(fn=_cmd_worker)
+
+    for name, fn, helptext in (("status", _cmd_status, "table of stages and instances"), ("top", _cmd_top, "live view of queue depths")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--url", help=f"control plane URL (default ALTO_URL or http://{DEFAULT_HTTP})")
+        s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
+        if name == "top":
+            s.add_argument("--iterations", type=int, default=None, help="stop after N updates")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("scale", help="set a stage's instance count")
+    s.add_argument("stage")
+    s.add_argument("instances", type=int)
+    s.add_argument("--url")
+    s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
+    s.set_defaults(fn=_cmd_scale)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        code = args.fn(args)
+    except AltoError as exc:
+        print(f"alto: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,194 @@
+"""The Python client: submit requests, get each request's results streamed back.
+
+Trio-native::
+
+    async with alto.open_client("demo") as client:          # reads the discovery file
+        async for result in client.submit(Number(value=10)):
+            print(result.queue, result.key_path, result.message)
+
+From a plain script, wrap it in ``trio.run``. Many requests may be in flight on one
+client: one connection, one reader task, one channel per request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from google.protobuf.message import Message
+
+from ._config import resolve
+from ._errors import AuthenticationError, OverloadedError, RemoteProtocolError, RequestFailed, RuntimeUnavailable
+from ._serve import read_discovery
+from .dataplane._frames import NEED_DATA, Frame, FrameDecoder, FrameKind, encode
+
+__all__ = ["Client", "Result", "open_client"]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One partial output that reached a sink queue."""
+
+    request_id: int
+    queue: str
+    key_path: tuple[int, ...]
+    message: Message
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream, token: str) -> None:
+        self._stream = stream
+        self._token = token
+        self._decoder = FrameDecoder()
+        self._corr = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[Any]] = {}
+        self._by_rid: dict[int, trio.MemorySendChannel[Any]] = {}
+        self._types: dict[str, type[Message]] = {}
+        self.pipeline = ""
+        self.input_queue = ""
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    async def _handshake(self) -> None:
+        await self._stream.send_all(encode(FrameKind.HELLO, [0], payload=json.dumps({"token": self._token, "role": "client"}).encode()))
+        frame = await self._next_frame()
+        if frame is None:
+            raise AuthenticationError("the runtime closed the connection during the handshake")
+        if frame.kind == FrameKind.REFUSED:
+            raise AuthenticationError(f"the runtime refused the connection: {frame.payload.decode()}")
+        if frame.kind != FrameKind.WELCOME:
+            raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
+        body = json.loads(frame.payload)
+        self.pipeline = body["pipeline"]
+        self.input_queue = body["input"]
+        self._types = {q: resolve(t, what="message type") for q, t in body.get("queues", {}).items()}
+
+    async def _next_frame(self) -> Frame | None:
+        while True:
+            ev = self._decoder.next_event()
+            if ev is NEED_DATA:
+                try:
+                    data = await self._stream.receive_some(256 * 1024)
+                except trio.BrokenResourceError:
+                    data = b""
+                self._decoder.receive_data(data)
+                continue
+            assert ev is None or isinstance(ev, Frame)
+            return ev
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                frame = await self._next_frame()
+                if frame is None:
+                    break
+                k = frame.kind
+                if k == FrameKind.ACCEPTED:
+                    corr, rid = frame.key_path[0], frame.key_path[1]
+                    ch = self._pending.pop(corr, None)
+                    if ch is not None:
+                        self._by_rid[rid] = ch
+                        ch.send_nowait(("accepted", rid))
+                elif k == FrameKind.REFUSED:
+                    ch = self._pending.pop(frame.key_path[0], None)
+                    if ch is not None:
+                        ch.send_nowait(("refused", frame.payload.decode()))
+                elif k == FrameKind.DATA:
+                    ch = self._by_rid.get(frame.key_path[0])
+                    if ch is not None:
+                        ch.send_nowait(("result", frame))
+                elif k in (FrameKind.DONE, FrameKind.ERROR):
+                    ch = self._by_rid.pop(frame.key_path[0], None)
+                    if ch is not None:
+                        ch.send_nowait(("done", None) if k == FrameKind.DONE else ("error", frame.payload.decode()))
+        finally:
+            self._closed = True
+            for ch in [*self._pending.values(), *self._by_rid.values()]:
+                try:
+                    ch.send_nowait(("lost", None))
+                except trio.BrokenResourceError:
+                    pass  # that submit() has already returned
+            self._pending.clear()
+            self._by_rid.clear()
+
+    def message_type(self, queue: str) -> type[Message]:
+        return self._types[queue]
+
+    async def submit(self, message: Message) -> AsyncIterator[Result]:
+        """Submit one request; yield its results as they arrive.
+
+        Raises OverloadedError if the runtime refused it, RequestFailed if a stage
+        failed (the message names stage and instance), RuntimeUnavailable if the
+        connection was lost.
+        """
+        if self._closed:
+            raise RuntimeUnavailable("the connection to the runtime is closed")
+        corr = next(self._corr)
+        send, recv = trio.open_memory_channel[Any](math.inf)
+        self._pending[corr] = send
+        async with self._send_lock:
+            await self._stream.send_all(encode(FrameKind.SUBMIT, [corr], self.input_queue, message.SerializeToString()))
+        rid = 0
+        async with recv:
+            async for kind, value in recv:
+                if kind == "accepted":
+                    rid = value
+                elif kind == "refused":
+                    raise OverloadedError(value)
+                elif kind == "result":
+                    typ = self._types.get(value.queue)
+                    msg = typ.FromString(value.payload) if typ is not None else value.payload
+                    yield Result(rid, value.queue, value.key_path, msg)
+                elif kind == "error":
+                    raise RequestFailed(rid, value)
+                elif kind == "lost":
+                    raise RuntimeUnavailable("the connection to the runtime was lost")
+                else:
+                    return
+
+    async def run(self, message: Message) -> list[Result]:
+        """Submit and collect every result (raises like :meth:`submit`)."""
+        return [r async for r in self.submit(message)]
+
+
+@asynccontextmanager
+async def open_client(
+    pipeline: str | None = None, *, address: str | None = None, token: str | None = None
+) -> AsyncIterator[Client]:
+    """Connect to a running runtime.
+
+    ``pipeline`` finds it through the discovery file that ``alto serve`` writes; or give
+    ``address`` (``unix:/path`` or ``HOST:PORT``) and ``token``. Raises
+    RuntimeUnavailable when nothing answers, AuthenticationError on a bad token.
+    """
+    if address is None:
+        if pipeline is None:
+            raise ValueError("give a pipeline name or an address")
+        disc = read_discovery(pipeline)
+        address = "unix:" + disc["socket"]
+        token = token or disc["token"]
+    if token is None:
+        raise ValueError("a token is needed with an explicit address")
+    try:
+        if address.startswith("unix:"):
+            stream: trio.abc.Stream = await trio.open_unix_socket(address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    except OSError as exc:
+        raise RuntimeUnavailable(f"cannot connect to the runtime at {address}: {exc}") from exc
+    async with stream:
+        client = Client(stream, token)
+        await client._handshake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()

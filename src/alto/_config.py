@@ -1,0 +1,422 @@
+"""The paper's two configuration files, read with tomllib and validated strictly.
+
+A *pipeline file* names the stages, their entry points, their input and output queues with
+the Protocol Buffers message type of each queue, resource needs, and which stages fan out
+and which aggregate at what level::
+
+    [pipeline]
+    name = "demo"
+    input = "numbers"            # the ingress queue: a request is one message of its type
+    outputs = ["totals"]         # sink queues: what reaches them streams back to the client
+
+    [queues.numbers]
+    type = "alto.examples.demo_pb2:Number"   # module:MessageClass
+
+    [stages.generate]
+    entry = "alto.examples.demo:generate"    # module:callable (function or class)
+    inputs = ["numbers"]
+    outputs = ["items"]
+    fanout = true                # each output gets a new id appended to its key path
+
+    [stages.total]
+    entry = "alto.examples.demo:Total"
+    inputs = ["squares"]
+    outputs = ["totals"]
+    stateful = true
+    aggregate_level = 1          # one group per key-path prefix of length 1 (the request)
+
+A *deployment file* says how many instances of each stage run, and the runtime's limits::
+
+    [runtime]
+    credits = 64
+    [stages.square]
+    instances = 3
+
+Key paths: the ingress gives every request the path ``[request]`` (depth 1); each fan-out
+stage adds one level. The depth of the frames entering a stage is therefore fixed by the
+graph, and ``aggregate_level`` must lie in ``1..depth``. Anything wrong is a
+:class:`ConfigError` naming file, key and the allowed values; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = [
+    "DeploymentConfig",
+    "PipelineConfig",
+    "QueueConfig",
+    "RuntimeLimits",
+    "StageConfig",
+    "StageDeployment",
+    "load_deployment",
+    "load_pipeline",
+    "resolve",
+]
+
+BACKENDS = ("trio", "asyncio")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    name: str
+    type: str  # "module:MessageClass"
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    name: str
+    entry: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    fanout: bool = False
+    stateful: bool = False
+    aggregate_level: int | None = None
+    scheduler: str = "least-outstanding"
+    scheduler_options: Mapping[str, Any] = field(default_factory=dict)
+    gpus: int = 0
+    idempotent: bool = False
+    backend: str = "trio"
+    concurrency: int = 64
+    options: Mapping[str, Any] = field(default_factory=dict)
+    input_depth: int = 1  # key-path depth of the frames entering this stage (computed)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    name: str
+    path: str
+    input: str
+    outputs: tuple[str, ...]
+    queues: Mapping[str, QueueConfig]
+    stages: Mapping[str, StageConfig]  # in topological order
+    consumer: Mapping[str, str]  # queue -> the stage that reads it (sinks absent)
+    producers: Mapping[str, tuple[str, ...]]  # queue -> stages that write it
+
+    def upstream(self, stage: str) -> frozenset[str]:
+        """Every stage from which frames can reach ``stage`` (not itself)."""
+        seen: set[str] = set()
+        todo = [stage]
+        while todo:
+            s = todo.pop()
+            for q in self.stages[s].inputs:
+                for p in self.producers.get(q, ()):
+                    if p not in seen:
+                        seen.add(p)
+                        todo.append(p)
+        return frozenset(seen)
+
+    def edges(self) -> tuple[tuple[str, str, str], ...]:
+        """(from stage or "ingress", queue, to stage or "sink") for every queue."""
+        out: list[tuple[str, str, str]] = []
+        for q in self.queues:
+            dst = self.consumer.get(q, "sink")
+            srcs = self.producers.get(q) or ("ingress",)
+            out.extend((s, q, dst) for s in srcs)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeLimits:
+    credits: int = 64
+    max_inflight_requests: int = 1024
+    backlog_limit: int = 4096
+    max_frame_size: int = 16 * 1024 * 1024
+    stop_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class StageDeployment:
+    instances: int = 1
+    credits: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    path: str
+    runtime: RuntimeLimits
+    stages: Mapping[str, StageDeployment]
+
+    def instances(self, stage: str) -> int:
+        return self.stages[stage].instances if stage in self.stages else 1
+
+    def credits(self, stage: str) -> int:
+        d = self.stages.get(stage)
+        return d.credits if d is not None and d.credits is not None else self.runtime.credits
+
+
+class _Table:
+    """A TOML table being read: tracks the keys used and rejects the rest."""
+
+    def __init__(self, path: str, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix or None, f"expected a table, got {type(data).__name__}")
+        self.path, self.prefix, self.data = path, prefix, data
+
+    def key(self, k: str) -> str:
+        return f"{self.prefix}.{k}" if self.prefix else k
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for k in self.data:
+            if k not in allowed:
+                raise ConfigError(
+                    self.path, self.key(k), f"unknown key; allowed: {', '.join(allowed)}"
+                )
+
+    def get(self, k: str, typ: type | tuple[type, ...], default: Any = ..., what: str = "") -> Any:
+        if k not in self.data:
+            if default is ...:
+                raise ConfigError(self.path, self.key(k), "missing (required)")
+            return default
+        v = self.data[k]
+        ok = isinstance(v, typ) and not (isinstance(v, bool) and typ in (int, (int, float)))
+        if not ok:
+            names = what or (
+                typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            )
+            raise ConfigError(self.path, self.key(k), f"expected {names}, got {v!r}")
+        return v
+
+    def strings(self, k: str, default: Any = ...) -> tuple[str, ...]:
+        v = self.get(k, list, default, what="a list of strings")
+        if not all(isinstance(x, str) for x in v):
+            raise ConfigError(self.path, self.key(k), f"expected a list of strings, got {v!r}")
+        return tuple(v)
+
+    def table(self, k: str, default: Any = ...) -> dict[str, Any]:
+        return dict(self.get(k, dict, default, what="a table"))
+
+    def positive(self, k: str, default: Any = ..., minimum: int = 1) -> int:
+        v = self.get(k, int, default)
+        if v is not None and v < minimum:
+            raise ConfigError(self.path, self.key(k), f"must be >= {minimum}, got {v}")
+        return int(v) if v is not None else v
+
+
+def _read(path: str | Path) -> tuple[str, dict[str, Any]]:
+    p = str(path)
+    try:
+        with open(p, "rb") as f:
+            return p, tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(p, None, "file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(p, None, f"not valid TOML: {exc}") from exc
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file. Raises ConfigError."""
+    p, data = _read(path)
+    top = _Table(p, "", data)
+    top.check_keys(("pipeline", "queues", "stages"))
+    meta = _Table(p, "pipeline", top.get("pipeline", dict, what="a table"))
+    meta.check_keys(("name", "input", "outputs"))
+    name = meta.get("name", str)
+    if not name or "/" in name:
+        raise ConfigError(p, "pipeline.name", f"must be a non-empty name without '/', got {name!r}")
+    input_q = meta.get("input", str)
+    outputs = meta.strings("outputs")
+    if not outputs:
+        raise ConfigError(p, "pipeline.outputs", "must name at least one sink queue")
+
+    queues: dict[str, QueueConfig] = {}
+    for qname, qdata in top.table("queues").items():
+        t = _Table(p, f"queues.{qname}", qdata)
+        t.check_keys(("type",))
+        typ = t.get("type", str)
+        if ":" not in typ:
+            raise ConfigError(p, t.key("type"), f"expected 'module:MessageClass', got {typ!r}")
+        try:
+            qname.encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigError(p, f"queues.{qname}", "queue names must be ASCII") from None
+        queues[qname] = QueueConfig(qname, typ)
+    allowed_q = ", ".join(queues) or "(none declared)"
+
+    def need_queue(key: str, q: str) -> None:
+        if q not in queues:
+            raise ConfigError(p, key, f"unknown queue {q!r}; declared queues: {allowed_q}")
+
+    need_queue("pipeline.input", input_q)
+    for q in outputs:
+        need_queue("pipeline.outputs", q)
+
+    raw: dict[str, dict[str, Any]] = {}
+    consumer: dict[str, str] = {}
+    producers: dict[str, list[str]] = {}
+    stage_keys = (
+        "entry", "inputs", "outputs", "fanout", "stateful", "aggregate_level", "scheduler",
+        "scheduler_options", "gpus", "idempotent", "backend", "concurrency", "options",
+    )  # fmt: skip
+    stages_table = top.table("stages")
+    if not stages_table:
+        raise ConfigError(p, "stages", "a pipeline needs at least one stage")
+    for sname, sdata in stages_table.items():
+        t = _Table(p, f"stages.{sname}", sdata)
+        t.check_keys(stage_keys)
+        entry = t.get("entry", str)
+        if ":" not in entry:
+            raise ConfigError(p, t.key("entry"), f"expected 'module:callable', got {entry!r}")
+        inputs = t.strings("inputs")
+        if not inputs:
+            raise ConfigError(p, t.key("inputs"), "a stage needs at least one input queue")
+        outs = t.strings("outputs", [])
+        for q in inputs:
+            need_queue(t.key("inputs"), q)
+            if q in outputs:
+                raise ConfigError(p, t.key("inputs"), f"queue {q!r} is a pipeline output (sink)")
+            if q in consumer:
+                raise ConfigError(
+                    p, t.key("inputs"),
+                    f"queue {q!r} is already read by stage {consumer[q]!r}; a queue feeds one stage",
+                )  # fmt: skip
+            consumer[q] = sname
+        for q in outs:
+            need_queue(t.key("outputs"), q)
+            if q == input_q:
+                raise ConfigError(p, t.key("outputs"), f"queue {q!r} is the pipeline's input")
+            producers.setdefault(q, []).append(sname)
+        stateful = t.get("stateful", bool, False)
+        level = t.positive("aggregate_level", None)
+        if level is not None and not stateful:
+            raise ConfigError(p, t.key("aggregate_level"), "only stateful stages aggregate; set stateful = true")
+        if stateful and level is None:
+            raise ConfigError(p, t.key("aggregate_level"), "missing: a stateful stage needs its aggregation level")
+        backend = t.get("backend", str, "trio")
+        if backend not in BACKENDS:
+            raise ConfigError(p, t.key("backend"), f"got {backend!r}; allowed: {', '.join(BACKENDS)}")
+        raw[sname] = dict(
+            name=sname,
+            entry=entry,
+            inputs=inputs,
+            outputs=outs,
+            fanout=t.get("fanout", bool, False),
+            stateful=stateful,
+            aggregate_level=level,
+            scheduler=t.get("scheduler", str, "consistent-hash" if stateful else "least-outstanding"),
+            scheduler_options=t.table("scheduler_options", {}),
+            gpus=t.positive("gpus", 0, minimum=0),
+            idempotent=t.get("idempotent", bool, False),
+            backend=backend,
+            concurrency=t.positive("concurrency", 64),
+            options=t.table("options", {}),
+        )
+
+    if input_q not in consumer:
+        raise ConfigError(p, "pipeline.input", f"no stage reads the input queue {input_q!r}")
+    for q in queues:
+        if q != input_q and q not in producers:
+            raise ConfigError(p, f"queues.{q}", "no stage writes this queue")
+        if q not in outputs and q != input_q and q not in consumer:
+            raise ConfigError(p, f"queues.{q}", "no stage reads this queue and it is not a pipeline output")
+
+    # Topological order and key-path depths (Kahn's algorithm); a leftover stage is a cycle.
+    indeg = {s: 0 for s in raw}
+    succ: dict[str, set[str]] = {s: set() for s in raw}
+    for s, d in raw.items():
+        for q in d["outputs"]:
+            if q in consumer:
+                succ[s].add(consumer[q])
+    for s in raw:
+        for t2 in succ[s]:
+            indeg[t2] += 1
+    order = [s for s in raw if indeg[s] == 0]
+    i = 0
+    while i < len(order):
+        for t2 in sorted(succ[order[i]]):
+            indeg[t2] -= 1
+            if indeg[t2] == 0:
+                order.append(t2)
+        i += 1
+    if len(order) != len(raw):
+        cyc = sorted(s for s in raw if indeg[s] > 0)
+        raise ConfigError(p, "stages", f"the stages {', '.join(cyc)} form a cycle")
+
+    depth_of_queue: dict[str, int] = {input_q: 1}
+    stages: dict[str, StageConfig] = {}
+    for s in order:
+        d = raw[s]
+        depths = {depth_of_queue[q] for q in d["inputs"] if q in depth_of_queue}
+        missing = [q for q in d["inputs"] if q not in depth_of_queue]
+        if missing:  # an input queue with no producer upstream of the ingress
+            raise ConfigError(p, f"stages.{s}.inputs", f"queue {missing[0]!r} is never reached from the input")
+        if len(depths) != 1:
+            raise ConfigError(
+                p, f"stages.{s}.inputs",
+                f"inputs carry key paths of different depths {sorted(depths)}; "
+                "merge queues only at the same fan-out level",
+            )  # fmt: skip
+        depth = depths.pop()
+        level = d["aggregate_level"]
+        if level is not None and level > depth:
+            raise ConfigError(
+                p, f"stages.{s}.aggregate_level",
+                f"level {level} is not produced upstream: frames entering {s!r} carry key paths "
+                f"of depth {depth} (the request plus {depth - 1} fan-out level(s)); allowed: 1..{depth}",
+            )  # fmt: skip
+        out_depth = depth + 1 if d["fanout"] else depth
+        for q in d["outputs"]:
+            if depth_of_queue.setdefault(q, out_depth) != out_depth:
+                raise ConfigError(p, f"stages.{s}.outputs", f"queue {q!r} is written at two fan-out depths")
+        stages[s] = StageConfig(**d, input_depth=depth)
+
+    return PipelineConfig(
+        name=name,
+        path=p,
+        input=input_q,
+        outputs=outputs,
+        queues=queues,
+        stages=stages,
+        consumer=consumer,
+        producers={q: tuple(v) for q, v in producers.items()},
+    )
+
+
+def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> DeploymentConfig:
+    """Read a deployment file (``None``: one instance of every stage). Raises ConfigError."""
+    if path is None:
+        return DeploymentConfig("<defaults>", RuntimeLimits(), {})
+    p, data = _read(path)
+    top = _Table(p, "", data)
+    top.check_keys(("runtime", "stages"))
+    rt = _Table(p, "runtime", top.table("runtime", {}))
+    rt.check_keys(("credits", "max_inflight_requests", "backlog_limit", "max_frame_size", "stop_timeout"))
+    d = RuntimeLimits()
+    limits = RuntimeLimits(
+        credits=rt.positive("credits", d.credits),
+        max_inflight_requests=rt.positive("max_inflight_requests", d.max_inflight_requests),
+        backlog_limit=rt.positive("backlog_limit", d.backlog_limit),
+        max_frame_size=rt.positive("max_frame_size", d.max_frame_size, minimum=1024),
+        stop_timeout=float(rt.get("stop_timeout", (int, float), d.stop_timeout)),
+    )
+    stages: dict[str, StageDeployment] = {}
+    for sname, sdata in top.table("stages", {}).items():
+        if sname not in pipeline.stages:
+            raise ConfigError(
+                p, f"stages.{sname}",
+                f"no such stage in {pipeline.path}; stages: {', '.join(pipeline.stages)}",
+            )  # fmt: skip
+        t = _Table(p, f"stages.{sname}", sdata)
+        t.check_keys(("instances", "credits"))
+        stages[sname] = StageDeployment(t.positive("instances", 1), t.positive("credits", None))
+    return DeploymentConfig(p, limits, stages)
+
+
+def resolve(ref: str, *, what: str = "object") -> Any:
+    """Import ``module:attr`` (attr may be dotted). Raises ConfigError-free ImportError
+    subclasses translated by callers; here: ValueError with the reference named."""
+    mod_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import {what} {ref!r}: {exc}") from exc
+    return obj

@@ -1,0 +1,220 @@
+"""``alto serve``: the runtime, the launcher and the control plane in one Trio process.
+
+Start-up order: read and validate both files; create a private directory (mode 0700) with
+the runtime's UNIX socket; listen (and on TCP with ``--tcp``); spawn every instance; wait
+until all have registered; start the HTTP control plane; write the discovery file that
+``alto submit`` and :class:`alto.Client` read. Ctrl-C or SIGTERM cancels the nursery: the
+instances are terminated, the socket directory and the discovery file are removed.
+
+The runtime authenticates every connection with a token. Local instances get it through
+their environment; remote instances (``alto worker --connect HOST:PORT``) and clients read
+it from ``--token``/``ALTO_TOKEN`` or from the discovery file (mode 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket as _socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._config import DeploymentConfig, PipelineConfig, load_deployment, load_pipeline
+from ._errors import AltoError, ConfigError
+from .dataplane._launcher import LocalLauncher
+from .dataplane._runtime import Runtime
+from .dataplane._stats import InstanceState
+
+log = logging.getLogger("alto.serve")
+
+__all__ = ["ServeInfo", "discovery_path", "read_discovery", "run_dir", "serve"]
+
+
+def run_dir() -> Path:
+    """Where discovery files live: ``$ALTO_RUN_DIR`` or ``~/.cache/alto/run``."""
+    d = os.environ.get("ALTO_RUN_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "alto" / "run"
+
+
+def discovery_path(pipeline: str) -> Path:
+    return run_dir() / f"{pipeline}.json"
+
+
+def read_discovery(pipeline: str) -> dict[str, Any]:
+    """The discovery file of a running ``alto serve``. Raises RuntimeUnavailable."""
+    from ._errors import RuntimeUnavailable
+
+    p = discovery_path(pipeline)
+    try:
+        data: dict[str, Any] = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise RuntimeUnavailable(f"no running pipeline {pipeline!r} (no {p}); start it with alto serve") from None
+    return data
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    """What ``serve`` reports through ``task_status`` once everything is up."""
+
+    pipeline: str
+    socket_path: str
+    tcp_address: str | None
+    http_url: str | None
+    token: str
+    runtime: Runtime
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError("<command line>", what, f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def serve(
+    pipeline_path: str | Path,
+    deploy_path: str | Path | None = None,
+    *,
+    tcp: str | None = None,
+    http: str | None = "127.0.0.1:8470",
+    token: str | None = None,
+    ready_timeout: float = 120.0,
+    write_discovery: bool = True,
+    handle_signals: bool = True,
+    on_ready: Callable[[ServeInfo], None] | None = None,
+    task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a pipeline until cancelled (or until Ctrl-C / SIGTERM).
+
+    Raises ConfigError for bad files or addresses, AltoError when instances fail to start.
+    """
+    pipeline = load_pipeline(pipeline_path)
+    deployment = load_deployment(deploy_path, pipeline)
+    user_token = token or os.environ.get("ALTO_TOKEN")
+    for flag, addr in (("--tcp", tcp), ("--http", http)):
+        if addr and not _is_loopback(parse_hostport(addr, flag)[0]) and not user_token:
+            raise ConfigError("<command line>", flag, f"refusing to listen on non-loopback {addr} without a token (--token or ALTO_TOKEN)")
+    token = user_token or secrets.token_urlsafe(24)
+    sockdir = Path(tempfile.mkdtemp(prefix="alto-"))  # mkdtemp creates it with mode 0700
+    sock_path = str(sockdir / "runtime.sock")
+    disc = discovery_path(pipeline.name)
+    try:
+        await _serve(pipeline, deployment, sock_path, tcp, http, token, user_token, ready_timeout, write_discovery, handle_signals, on_ready, disc, task_status)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if write_discovery:
+            try:
+                data = json.loads(disc.read_text())
+                if data.get("pid") == os.getpid():
+                    disc.unlink()
+            except (OSError, ValueError):
+                pass
+
+
+async def _serve(
+    pipeline: PipelineConfig,
+    deployment: DeploymentConfig,
+    sock_path: str,
+    tcp: str | None,
+    http: str | None,
+    token: str,
+    user_token: str | None,
+    ready_timeout: float,
+    write_discovery: bool,
+    handle_signals: bool,
+    on_ready: Callable[[ServeInfo], None] | None,
+    disc: Path,
+    task_status: trio.TaskStatus[ServeInfo],
+) -> None:
+    listeners = []
+    unix = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    await unix.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    unix.listen(256)
+    listeners.append(unix)
+    tcp_address = None
+    if tcp:
+        host, port = parse_hostport(tcp, "--tcp")
+        family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+        t = trio.socket.socket(family, _socket.SOCK_STREAM)
+        t.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        await t.bind((host, port))
+        t.listen(256)
+        t.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        listeners.append(t)
+        tcp_address = f"{host}:{t.getsockname()[1]}"
+
+    async with trio.open_nursery() as nursery:
+        launcher: LocalLauncher | None = None
+
+        async def spawn(stage: str, iid: int) -> None:
+            assert launcher is not None
+            await launcher.spawn(stage, iid)
+
+        def stop_instance(iid: int) -> None:
+            if launcher is not None:
+                launcher.stop(iid)
+
+        runtime = Runtime(pipeline, deployment, token=token, spawn=spawn, stop_instance=stop_instance)
+        launcher = LocalLauncher(pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited)
+        try:
+            await nursery.start(runtime.serve, listeners)
+            if handle_signals:
+                nursery.start_soon(_watch_signals, nursery.cancel_scope)
+            for name in pipeline.stages:
+                for _ in range(deployment.instances(name)):
+                    await launcher.spawn(name, runtime.new_instance_id(name))
+            with trio.move_on_after(ready_timeout) as scope:
+                while any(i.state == InstanceState.STARTING for i in runtime.instances.values()):
+                    crashed = [i for i in runtime.instances.values() if i.state == InstanceState.CRASHED]
+                    if crashed:
+                        raise AltoError(f"instance {crashed[0].stage.name}/{crashed[0].id} failed to start: {crashed[0].last_error}")
+                    await trio.sleep(0.05)
+            if scope.cancelled_caught:
+                late = [f"{i.stage.name}/{i.id}" for i in runtime.instances.values() if i.state == InstanceState.STARTING]
+                raise AltoError(f"instances did not register within {ready_timeout} s: {', '.join(late)}")
+            http_url = None
+            if http:
+                from .control import serve_control
+
+                host, port = parse_hostport(http, "--http")
+                bound = await nursery.start(lambda task_status: serve_control(runtime, host, port, token=user_token, task_status=task_status))
+                http_url = f"http://{host}:{bound}"
+            info = ServeInfo(pipeline.name, sock_path, tcp_address, http_url, token, runtime)
+            if write_discovery:
+                disc.parent.mkdir(parents=True, exist_ok=True)
+                tmp = disc.with_suffix(".tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"pipeline": pipeline.name, "socket": sock_path, "tcp": tcp_address, "http": http_url, "token": token, "pid": os.getpid()}, f)
+                os.replace(tmp, disc)
+            log.info("pipeline %r ready: socket %s%s%s", pipeline.name, sock_path, f", tcp {tcp_address}" if tcp_address else "", f", http {http_url}" if http_url else "")
+            if on_ready is not None:
+                on_ready(info)
+            task_status.started(info)
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await launcher.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for sig in signals:
+            log.info("received %s, stopping", signal.Signals(sig).name)
+            scope.cancel()
+            return

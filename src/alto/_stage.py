@@ -1,0 +1,275 @@
+"""The stage SDK: what stage code sees.
+
+A stage's ``entry`` in the pipeline file names either
+
+* an async function ``async def f(msg, ctx)`` called once per input message, or
+* a class, instantiated once per instance with the stage's ``options`` as keyword
+  arguments, with ``async def process(self, msg, ctx)``, and for stateful stages
+  ``async def group_closed(self, ctx)`` (called after the last item of a group; ``ctx.key_path``
+  is the group's key path). Optional ``async def setup(self)`` and ``async def aclose(self)``
+  run at start and stop (load a model in ``setup``).
+
+Writing outputs::
+
+    await ctx.write("claims", Claim(text=...))            # fan-out stage: one child per write
+    async with ctx.child() as child:                       # fan-out stage: a streamed child
+        async for tok in engine.generate(prompt):
+            await child.write("bm25", Token(text=tok))     # every token shares one key path
+    await ctx.write("squares", Square(value=v))           # other stages: the input's key path
+    await alto.write(queue="bm25", obj=Token(...), id=obj_id,
+                     constraints=[obj_id, claim_id, query_id])   # the paper's explicit form
+
+Key paths are derived (design.md invariant 2): a fan-out stage appends a new id for each
+output (``ctx.write``) or child stream (``ctx.child()``), and closes it (a LAST flag on a
+one-item child, a CLOSE frame when a child stream ends), so the runtime knows when an
+aggregation group downstream is complete. The explicit ``constraints`` form sets the key
+path by hand; it must extend the input's key path, and the runtime then closes the groups
+under it when the input is acknowledged (it cannot know earlier).
+
+Concurrency: the SDK is written on anyio, so a stage process runs under trio (the default)
+or under asyncio (``backend = "asyncio"`` in the pipeline file), which vLLM's and SGLang's
+in-process engines require. Stateless stages process up to ``concurrency`` inputs at once
+(one task each); stateful stages process their inputs one at a time in arrival order,
+so a group's items and its ``group_closed`` call never race.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+from google.protobuf.message import Message
+
+from ._errors import StageError
+from .dataplane._frames import FrameFlags, FrameKind, encode
+
+__all__ = ["Child", "Context", "StageHandler", "current_context", "write"]
+
+_current: contextvars.ContextVar[Context] = contextvars.ContextVar("alto_stage_context")
+
+
+class _Output(Protocol):
+    """Where a context's frames go (the worker's output buffer)."""
+
+    max_frame_size: int
+
+    async def send(self, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    name: str
+    instance: int
+    fanout: bool
+    outputs: dict[str, type[Message]]  # output queue -> message class
+    child_tag: int = 0
+    aggregate_level: int = 0  # stateful stages: the group is the key path's first L ids
+
+
+class Context:
+    """The context of one input being processed (or one group being closed)."""
+
+    def __init__(self, info: StageInfo, out: _Output, key_path: tuple[int, ...]) -> None:
+        self._info = info
+        self._out = out
+        self.key_path = key_path
+        self._next_child = 0
+
+    @property
+    def stage(self) -> str:
+        return self._info.name
+
+    @property
+    def instance(self) -> int:
+        return self._info.instance
+
+    @property
+    def request_id(self) -> int:
+        return self.key_path[0]
+
+    @property
+    def group(self) -> tuple[int, ...]:
+        """In a stateful stage: the aggregation group of this input (or the closed group)."""
+        level = self._info.aggregate_level
+        if not level:
+            raise self._error("is not stateful, so its inputs belong to no group")
+        return self.key_path[:level]
+
+    def message(self, queue: str, **fields: Any) -> Message:
+        """A new message of ``queue``'s declared type."""
+        return self._queue_type(queue)(**fields)
+
+    def _queue_type(self, queue: str) -> type[Message]:
+        try:
+            return self._info.outputs[queue]
+        except KeyError:
+            raise StageError(
+                self._info.name, self._info.instance,
+                f"unknown output queue {queue!r}; this stage writes: {', '.join(self._info.outputs) or '(none)'}",
+            ) from None  # fmt: skip
+
+    def _error(self, message: str) -> StageError:
+        return StageError(self._info.name, self._info.instance, message)
+
+    def _encode(self, queue: str, obj: Message, path: Sequence[int], prompt_key: str | None, flags: int) -> bytes:
+        typ = self._queue_type(queue)
+        if not isinstance(obj, typ):
+            raise self._error(
+                f"queue {queue!r} carries {typ.DESCRIPTOR.full_name}, got {type(obj).__name__}"
+            )
+        return encode(
+            FrameKind.DATA,
+            tuple(path),
+            queue,
+            obj.SerializeToString(),
+            prompt_key.encode() if prompt_key else b"",
+            flags,
+            max_frame_size=self._out.max_frame_size,
+        )
+
+    def _new_child(self) -> tuple[int, ...]:
+        if not self._info.fanout:
+            raise self._error("is not declared fanout = true, so it cannot open children")
+        c = self._info.child_tag | self._next_child
+        self._next_child += 1
+        return (*self.key_path, c)
+
+    async def write(
+        self,
+        queue: str,
+        obj: Message,
+        *,
+        id: int | None = None,
+        constraints: Sequence[int] | None = None,
+        prompt_key: str | None = None,
+    ) -> None:
+        """Send ``obj`` to ``queue``.
+
+        In a fan-out stage each call is a new one-item child (its key path gets a new id).
+        ``constraints`` (with ``id``, the request id) set the key path explicitly, as in
+        the paper's interface. ``prompt_key`` lets a prompt-sticky scheduler keep the
+        same prompt on the same LM instance.
+
+        Raises StageError for an unknown queue, a message of the wrong type, or
+        constraints that do not extend this input's key path.
+        """
+        if constraints is not None:
+            path = tuple(int(c) for c in constraints)
+            if id is not None and id != self.request_id:
+                raise self._error(f"id={id} is not this input's request id {self.request_id}")
+            if path[: len(self.key_path)] != self.key_path:
+                raise self._error(
+                    f"constraints {list(path)} must extend the input's key path {list(self.key_path)}"
+                )
+            await self._out.send(self._encode(queue, obj, path, prompt_key, 0))
+        elif self._info.fanout:
+            await self._out.send(self._encode(queue, obj, self._new_child(), prompt_key, FrameFlags.LAST))
+        else:
+            if id is not None and id != self.request_id:
+                raise self._error(f"id={id} is not this input's request id {self.request_id}")
+            await self._out.send(self._encode(queue, obj, self.key_path, prompt_key, 0))
+
+    def child(self) -> Child:
+        """Open a child stream: many writes under one new key-path id, closed on exit."""
+        return Child(self, self._new_child())
+
+
+class Child:
+    """A streamed fan-out child; use as ``async with ctx.child() as child``."""
+
+    def __init__(self, ctx: Context, key_path: tuple[int, ...]) -> None:
+        self._ctx = ctx
+        self.key_path = key_path
+        self._closed = False
+
+    async def write(self, queue: str, obj: Message, *, prompt_key: str | None = None) -> None:
+        if self._closed:
+            raise self._ctx._error(f"child {list(self.key_path)} is closed")
+        await self._ctx._out.send(self._ctx._encode(queue, obj, self.key_path, prompt_key, 0))
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._ctx._out.send(encode(FrameKind.CLOSE, self.key_path))
+
+    async def __aenter__(self) -> Child:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def current_context() -> Context:
+    """The context of the input being processed by this task. Raises LookupError outside a stage."""
+    return _current.get()
+
+
+async def write(
+    queue: str,
+    obj: Message,
+    *,
+    id: int | None = None,
+    constraints: Sequence[int] | None = None,
+    prompt_key: str | None = None,
+) -> None:
+    """The paper's interface: ``write(queue="bm25", obj=Token(...), id=obj_id,
+    constraints=[obj_id, claim_id, query_id])`` from inside stage code."""
+    await current_context().write(queue, obj, id=id, constraints=constraints, prompt_key=prompt_key)
+
+
+class StageHandler:
+    """Adapts an entry point (function or class) to process / group_closed / lifecycle."""
+
+    def __init__(self, name: str, entry: Any, options: dict[str, Any], stateful: bool) -> None:
+        self.name = name
+        self._obj: Any = None
+        self._fn: Callable[[Any, Context], Awaitable[None]]
+        self._closed: Callable[[Context], Awaitable[None]] | None = None
+        if inspect.isclass(entry):
+            try:
+                self._obj = entry(**options)
+            except TypeError as exc:
+                raise StageError(name, None, f"cannot build {entry.__name__} from options {options}: {exc}") from exc
+            if not callable(getattr(self._obj, "process", None)):
+                raise StageError(name, None, f"{entry.__name__} has no process(msg, ctx) method")
+            self._fn = self._obj.process
+            self._closed = getattr(self._obj, "group_closed", None)
+        elif inspect.iscoroutinefunction(entry):
+            if options:
+                raise StageError(name, None, "options are only for class entry points")
+            self._fn = entry
+        else:
+            raise StageError(name, None, f"entry {entry!r} is neither an async function nor a class")
+        if stateful and self._closed is None:
+            raise StageError(name, None, "a stateful stage's entry must be a class with group_closed(ctx)")
+
+    async def setup(self) -> None:
+        fn = getattr(self._obj, "setup", None)
+        if fn is not None:
+            await fn()
+
+    async def aclose(self) -> None:
+        fn = getattr(self._obj, "aclose", None)
+        if fn is not None:
+            await fn()
+
+    async def process(self, msg: Any, ctx: Context) -> None:
+        token = _current.set(ctx)
+        try:
+            await self._fn(msg, ctx)
+        finally:
+            _current.reset(token)
+
+    async def group_closed(self, ctx: Context) -> None:
+        assert self._closed is not None
+        token = _current.set(ctx)
+        try:
+            await self._closed(ctx)
+        finally:
+            _current.reset(token)

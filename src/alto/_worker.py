@@ -1,0 +1,211 @@
+"""A stage instance process: connect to the runtime, process frames, write outputs.
+
+Started by the launcher as ``python -m alto._worker`` with its settings in the
+environment (``ALTO_ADDRESS``, ``ALTO_TOKEN``, ``ALTO_PIPELINE``, ``ALTO_STAGE``,
+``ALTO_INSTANCE``), or by hand on another machine with ``alto worker``. Runs on anyio under
+the stage's backend (trio or asyncio).
+
+Outputs and acknowledgements go into one ordered buffer that a single flusher task sends:
+while it is sending, later writes pile up and leave in the next send (batching without a
+timer), and an input's ACK always follows its outputs on the wire (design.md invariant 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+import anyio
+from anyio.abc import ByteStream
+
+from ._config import PipelineConfig, StageConfig, load_pipeline, resolve
+from ._errors import AuthenticationError, RemoteProtocolError, StageError
+from ._stage import Context, StageHandler, StageInfo
+from .dataplane._frames import NEED_DATA, Frame, FrameDecoder, FrameKind, encode
+
+log = logging.getLogger("alto.worker")
+
+_OUT_HIGH_WATER = 4 * 1024 * 1024
+
+
+class _Output:
+    def __init__(self, stream: ByteStream, max_frame_size: int) -> None:
+        self.stream = stream
+        self.max_frame_size = max_frame_size
+        self.buf = bytearray()
+        self.wake = anyio.Event()
+        self.drained = anyio.Event()
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        self.send_nowait(data)
+        if len(self.buf) > _OUT_HIGH_WATER:
+            self.drained = anyio.Event()
+            await self.drained.wait()
+
+    def send_nowait(self, data: bytes) -> None:
+        self.buf += data
+        self.wake.set()
+
+    async def flusher(self) -> None:
+        while True:
+            if not self.buf:
+                self.drained.set()
+                if self.closed:
+                    return
+                self.wake = anyio.Event()
+                await self.wake.wait()
+                continue
+            data, self.buf = bytes(self.buf), bytearray()
+            await self.stream.send(data)
+
+    async def finish(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+async def connect(address: str) -> ByteStream:
+    """``unix:/path`` or ``HOST:PORT``."""
+    if address.startswith("unix:"):
+        return await anyio.connect_unix(address[5:])
+    host, _, port = address.rpartition(":")
+    return await anyio.connect_tcp(host.strip("[]"), int(port))
+
+
+async def handshake(stream: ByteStream, hello: dict[str, Any], decoder: FrameDecoder) -> dict[str, Any]:
+    """Send HELLO, wait for WELCOME. Raises AuthenticationError when refused."""
+    await stream.send(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
+    while True:
+        ev = decoder.next_event()
+        if ev is NEED_DATA:
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                data = b""
+            decoder.receive_data(data)
+            continue
+        if ev is None:
+            raise AuthenticationError("the runtime closed the connection during the handshake")
+        assert isinstance(ev, Frame)
+        if ev.kind == FrameKind.REFUSED:
+            raise AuthenticationError(f"the runtime refused the connection: {ev.payload.decode()}")
+        if ev.kind != FrameKind.WELCOME:
+            raise RemoteProtocolError(f"expected WELCOME, got {ev.kind.name}")
+        body: dict[str, Any] = json.loads(ev.payload)
+        return body
+
+
+class Worker:
+    def __init__(self, pipeline: PipelineConfig, stage: StageConfig, address: str, token: str, instance: int | None) -> None:
+        self.pipeline = pipeline
+        self.stage = stage
+        self.address = address
+        self.token = token
+        self.instance = instance
+        self.in_types = {q: resolve(pipeline.queues[q].type, what="message type") for q in stage.inputs}
+        self.out_types = {q: resolve(pipeline.queues[q].type, what="message type") for q in stage.outputs}
+        self.handler = StageHandler(stage.name, resolve(stage.entry, what="stage entry"), dict(stage.options), stage.stateful)
+
+    async def run(self) -> None:
+        await self.handler.setup()
+        try:
+            stream = await connect(self.address)
+            async with stream:
+                await self._serve(stream)
+        finally:
+            await self.handler.aclose()
+
+    async def _serve(self, stream: ByteStream) -> None:
+        decoder = FrameDecoder()
+        welcome = await handshake(
+            stream,
+            {"token": self.token, "role": "instance", "stage": self.stage.name, "instance": self.instance, "pid": os.getpid()},
+            decoder,
+        )
+        self.instance = int(welcome["instance"])
+        decoder.max_frame_size = int(welcome["max_frame_size"])
+        out = _Output(stream, decoder.max_frame_size)
+        info = StageInfo(
+            self.stage.name,
+            self.instance,
+            self.stage.fanout,
+            self.out_types,
+            int(welcome.get("child_tag", 0)),
+            self.stage.aggregate_level or 0,
+        )
+        limit = anyio.Semaphore(1 if self.stage.stateful else self.stage.concurrency)
+        async with anyio.create_task_group() as flush_tg:
+            flush_tg.start_soon(out.flusher)
+            async with anyio.create_task_group() as tg:
+                stopping = False
+                while not stopping:
+                    ev = decoder.next_event()
+                    if ev is NEED_DATA:
+                        try:
+                            data = await stream.receive(256 * 1024)
+                        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                            data = b""
+                        decoder.receive_data(data)
+                        continue
+                    if ev is None:
+                        log.info("runtime closed the connection")
+                        tg.cancel_scope.cancel()
+                        break
+                    assert isinstance(ev, Frame)
+                    if ev.kind in (FrameKind.DATA, FrameKind.GROUP_CLOSED):
+                        # Stateful stages: one at a time and in order. The limiter is taken
+                        # here, before the next frame is read, so order is kept.
+                        if self.stage.stateful:
+                            await limit.acquire()
+                        tg.start_soon(self._process, ev, info, out, limit)
+                    elif ev.kind == FrameKind.STOP:
+                        stopping = True
+                    else:
+                        raise RemoteProtocolError(f"unexpected {ev.kind.name} frame from the runtime")
+            await out.finish()
+
+    async def _process(self, frame: Frame, info: StageInfo, out: _Output, limit: anyio.Semaphore) -> None:
+        if not self.stage.stateful:
+            await limit.acquire()
+        try:
+            ctx = Context(info, out, frame.key_path)
+            try:
+                if frame.kind == FrameKind.GROUP_CLOSED:
+                    await self.handler.group_closed(ctx)
+                else:
+                    msg = self.in_types[frame.queue].FromString(frame.payload)
+                    await self.handler.process(msg, ctx)
+            except Exception as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, StageError):
+                    traceback.print_exc()
+                out.send_nowait(encode(FrameKind.ERROR, frame.key_path, payload=detail.encode()))
+            out.send_nowait(encode(FrameKind.ACK, frame.key_path))
+        finally:
+            limit.release()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("ALTO_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    env = os.environ
+    try:
+        pipeline = load_pipeline(env["ALTO_PIPELINE"])
+        stage = pipeline.stages[env["ALTO_STAGE"]]
+        inst = env.get("ALTO_INSTANCE")
+        worker = Worker(pipeline, stage, env["ALTO_ADDRESS"], env["ALTO_TOKEN"], int(inst) if inst else None)
+    except KeyError as exc:
+        sys.exit(f"alto worker: missing setting {exc}")
+    except Exception as exc:  # noqa: BLE001 - report and exit non-zero: the launcher logs it
+        sys.exit(f"alto worker: {type(exc).__name__}: {exc}")
+    try:
+        anyio.run(worker.run, backend=stage.backend)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+"""The HTTP control plane: a quart-trio app served by hypercorn's Trio worker.
+
+It runs in the runtime's own process and nursery (``alto serve`` starts
+:func:`serve_control` next to the runtime) and sees the dataplane only through
+:class:`~alto.dataplane._stats.RuntimeCommands`: frozen ``statistics()`` snapshots to read,
+and ``scale``/``drain``/``submit`` to act.
+
+Endpoints (``GET /openapi.json`` describes them):
+
+- ``GET /api/pipeline``, ``GET /api/instances``: JSON status.
+- ``GET /api/stream``: Server-Sent Events, one ``stats`` event per ``stream_interval``
+  (see :mod:`alto.control._stream` for how slow clients coalesce).
+- ``POST /api/stages/{stage}/scale``, ``POST /api/instances/{id}/drain``: commands.
+- ``POST /v1/pipelines/{name}/requests``: request ingress, results streamed back as SSE
+  (or collected into one JSON answer with ``?stream=false``).
+- ``GET /metrics``: Prometheus text format.
+- ``GET /``: the dashboard (static files from ``dashboard/``).
+
+Mutating endpoints need ``Authorization: Bearer <token>`` when a token is configured.
+Every refusal is a 4xx with a JSON body ``{"error": message}``; bad input never becomes a
+500.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import json
+import logging
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request, send_from_directory
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .._errors import OverloadedError
+from ..dataplane._stats import (
+    InstanceStatistics,
+    RequestEvent,
+    RuntimeCommands,
+    RuntimeStatistics,
+    StageStatistics,
+)
+from ._metrics import IngressStats, open_registry
+from ._openapi import openapi_document
+from ._stream import StatsHub
+
+__all__ = ["DEFAULT_HTTP_PORT", "create_app", "default_dashboard_dir", "serve_control"]
+
+logger = logging.getLogger("alto.control")
+
+DEFAULT_HTTP_PORT = 8470
+
+# Request bodies are one input message; 16 MiB is Quart's own default, made explicit so
+# that a client streaming an endless body gets a 413 rather than filling memory.
+MAX_REQUEST_BODY = 16 * 1024 * 1024
+
+_SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx and similar proxies buffer responses unless told not to; SSE needs each event
+    # to leave at once.
+    "X-Accel-Buffering": "no",
+}
+
+
+def default_dashboard_dir() -> Path:
+    """``dashboard/`` at the repository root (``src/alto/control/`` is three levels down)."""
+    return Path(__file__).resolve().parents[3] / "dashboard"
+
+
+class _Refusal(Exception):
+    """An HTTP 4xx answer with a JSON error body, raised from inside a handler."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(data), status=status, headers=headers, mimetype="application/json"
+    )
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _instance_dict(inst: InstanceStatistics) -> dict[str, Any]:
+    return {
+        "id": inst.instance_id,
+        "stage": inst.stage,
+        "state": str(inst.state),
+        "queue_depth": inst.queue_depth,
+        "credits": inst.credits,
+        "backlog": inst.backlog,
+        "open_groups": inst.open_groups,
+        "frames_in": inst.frames_in,
+        "frames_out": inst.frames_out,
+        "pid": inst.pid,
+        "last_error": inst.last_error,
+    }
+
+
+def _stage_dict(stage: StageStatistics) -> dict[str, Any]:
+    return {
+        "name": stage.name,
+        "scheduler": stage.scheduler,
+        "stateful": stage.stateful,
+        "aggregate_level": stage.aggregate_level,
+        "fanout": stage.fanout,
+        "inputs": list(stage.inputs),
+        "outputs": list(stage.outputs),
+        "instances": list(stage.instances),
+        "target_instances": stage.target_instances,
+        "frames_processed": stage.frames_processed,
+        "errors": stage.errors,
+    }
+
+
+def _edges(stats: RuntimeStatistics) -> list[tuple[str, str, str]]:
+    """The runtime's edges, or, if it reports none, edges derived from stage inputs/outputs."""
+    if stats.edges:
+        return list(stats.edges)
+    producers: dict[str, list[str]] = {}
+    consumers: dict[str, list[str]] = {}
+    for stage in stats.stages:
+        for queue in stage.outputs:
+            producers.setdefault(queue, []).append(stage.name)
+        for queue in stage.inputs:
+            consumers.setdefault(queue, []).append(stage.name)
+    edges = []
+    for queue in dict.fromkeys([*producers, *consumers]):
+        for src in producers.get(queue, ["ingress"]):
+            for dst in consumers.get(queue, ["sink"]):
+                edges.append((src, queue, dst))
+    return edges
+
+
+def _pipeline_dict(stats: RuntimeStatistics) -> dict[str, Any]:
+    schedulers = {s.name: s for s in stats.stages}
+    edges = []
+    queues: dict[str, dict[str, Any]] = {}
+    for src, queue, dst in _edges(stats):
+        target = schedulers.get(dst)
+        routing = target.scheduler if target is not None else "sink"
+        edges.append(
+            {
+                "from": src,
+                "queue": queue,
+                "to": dst,
+                "routing": routing,
+                "aggregate_level": target.aggregate_level if target is not None else None,
+            }
+        )
+        q = queues.setdefault(queue, {"name": queue, "producers": [], "consumers": []})
+        if src not in q["producers"]:
+            q["producers"].append(src)
+        if dst not in q["consumers"]:
+            q["consumers"].append(dst)
+    return {
+        "pipeline": stats.pipeline,
+        "stages": [_stage_dict(s) for s in stats.stages],
+        "queues": list(queues.values()),
+        "edges": edges,
+        "instances": [_instance_dict(i) for i in stats.instances],
+        "requests": {
+            "in_flight": stats.requests_in_flight,
+            "max_in_flight": stats.max_inflight_requests,
+            "submitted": stats.requests_submitted,
+            "completed": stats.requests_completed,
+            "failed": stats.requests_failed,
+            "refused": stats.requests_refused,
+        },
+        "frames_relayed": stats.frames_relayed,
+        "scale_events": stats.scale_events,
+    }
+
+
+async def _read_json() -> Any:
+    raw = await request.get_data(cache=False, as_text=False)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _Refusal(400, f"malformed JSON body: {exc}") from exc
+
+
+def _wants_stream() -> bool:
+    flag = request.args.get("stream")
+    if flag is not None:
+        value = flag.strip().lower()
+        if value in ("", "1", "true", "yes"):
+            return True
+        if value in ("0", "false", "no"):
+            return False
+        raise _Refusal(400, f"stream must be true or false, not {flag!r}")
+    best = request.accept_mimetypes.best_match(["text/event-stream", "application/json"])
+    return best != "application/json"
+
+
+async def _aclose(iterator: Any) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class _RequestRun:
+    """One request through the ingress: times it and turns its events into JSON."""
+
+    def __init__(
+        self, ingress: IngressStats, decode: Callable[[str, bytes], dict[str, Any]]
+    ) -> None:
+        self.started = trio.current_time()
+        self.request_id = 0
+        self.results = 0
+        self._ingress = ingress
+        self._decode = decode
+
+    def render(self, event: RequestEvent) -> tuple[str, dict[str, Any]]:
+        now = trio.current_time()
+        if event.request_id:
+            self.request_id = event.request_id
+        rid = self.request_id
+        if event.kind == "result":
+            if self.results == 0:
+                self._ingress.observe_first_result(now, now - self.started)
+            self.results += 1
+            return "result", {
+                "request_id": rid,
+                "queue": event.queue,
+                "key_path": list(event.key_path),
+                **self._decode(event.queue, event.payload),
+            }
+        if event.kind == "done":
+            latency = now - self.started
+            self._ingress.observe_done(now, latency)
+            return "done", {"request_id": rid, "results": self.results, "latency_s": latency}
+        if event.kind == "error":
+            self._ingress.observe_error(now, rid, event.message)
+            return "error", {"request_id": rid, "message": event.message}
+        return event.kind, {"request_id": rid}
+
+    async def events(
+        self, first: RequestEvent, rest: AsyncIterator[RequestEvent]
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """Rendered events through ``done`` or ``error``; never ends without one of them."""
+        yield self.render(first)
+        if first.kind in ("done", "error"):
+            return
+        try:
+            async for event in rest:
+                yield self.render(event)
+                if event.kind in ("done", "error"):
+                    return
+        except Exception as exc:
+            # Invariant 4 of the design: a request ends in results or an explicit error.
+            logger.exception("request %d: the runtime's result stream raised", self.request_id)
+            message = f"result stream failed: {type(exc).__name__}: {exc}"
+        else:
+            message = "the runtime ended the result stream without done or error"
+        yield self.render(RequestEvent("error", self.request_id, message=message))
+
+
+class _ClosingBody:
+    """A response body that closes the runtime's result iterator with itself.
+
+    Quart closes the body when the response ends or the client goes away; closing an async
+    generator that never started would skip its ``finally``, so the runtime's iterator is
+    closed here explicitly.
+    """
+
+    def __init__(self, body: AsyncGenerator[bytes, None], source: AsyncIterator[Any]) -> None:
+        self._body = body
+        self._source = source
+
+    def __aiter__(self) -> _ClosingBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._body.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._body.aclose()
+        finally:
+            await _aclose(self._source)
+
+
+def create_app(
+    runtime: RuntimeCommands,
+    *,
+    token: str | None = None,
+    dashboard_dir: Path | None = None,
+    stream_interval: float = 0.25,
+) -> QuartTrio:
+    """Build the control plane app for ``runtime``.
+
+    ``token``, when given, is required as ``Authorization: Bearer <token>`` on the mutating
+    endpoints. ``dashboard_dir`` overrides where the dashboard's static files are found.
+    The app starts its statistics sampler when it starts serving (ASGI lifespan).
+
+    Raises ValueError for an empty token or a ``stream_interval`` that is not positive.
+    """
+    if token is not None and not token:
+        raise ValueError("token must not be empty (pass None for no authentication)")
+    static_dir = (dashboard_dir if dashboard_dir is not None else default_dashboard_dir()).resolve()
+    app = QuartTrio("alto.control")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BODY
+    registry, ingress = open_registry(runtime)
+    hub = StatsHub(runtime, ingress, stream_interval)
+    types: dict[str, Any] = {}
+
+    @app.before_serving
+    async def _start_sampler() -> None:
+        app.nursery.start_soon(hub.run)
+
+    @app.errorhandler(_Refusal)
+    async def _refused(exc: _Refusal) -> Response:
+        return _json_response({"error": exc.message}, exc.status, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        return _json_response({"error": f"{exc.name}: {exc.description}"}, status)
+
+    @app.errorhandler(Exception)
+    async def _internal_error(exc: Exception) -> Response:
+        logger.exception("control plane: unhandled error in %s %s", request.method, request.path)
+        return _json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+
+    def check_token() -> None:
+        if token is None:
+            return
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="alto"'}
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise _Refusal(401, "this endpoint needs Authorization: Bearer <token>", challenge)
+        if not hmac.compare_digest(credentials.strip().encode(), token.encode()):
+            challenge["WWW-Authenticate"] += ', error="invalid_token"'
+            raise _Refusal(401, "wrong token", challenge)
+
+    def find_stage(stats: RuntimeStatistics, name: str) -> StageStatistics:
+        for stage in stats.stages:
+            if stage.name == name:
+                return stage
+        known = ", ".join(s.name for s in stats.stages)
+        raise _Refusal(404, f"unknown stage {name!r}; stages: {known}")
+
+    def decode(queue: str, payload: bytes) -> dict[str, Any]:
+        try:
+            if queue not in types:
+                types[queue] = runtime.queue_type(queue)
+            message = types[queue].FromString(payload)
+            return {"output": json_format.MessageToDict(message)}
+        except (KeyError, DecodeError, TypeError, ValueError, AttributeError) as exc:
+            # The payload is still the client's: hand it over undecoded rather than drop it.
+            return {
+                "output": None,
+                "payload_base64": base64.b64encode(payload).decode("ascii"),
+                "decode_error": f"{type(exc).__name__}: {exc}",
+            }
+
+    # -- status ---------------------------------------------------------------------
+
+    @app.get("/api/pipeline")
+    async def pipeline() -> Response:
+        return _json_response(_pipeline_dict(runtime.statistics()))
+
+    @app.get("/api/instances")
+    async def instances() -> Response:
+        stats = runtime.statistics()
+        return _json_response({"instances": [_instance_dict(i) for i in stats.instances]})
+
+    @app.get("/api/stream")
+    async def stream() -> Response:
+        async def events() -> AsyncGenerator[bytes, None]:
+            seen = 0
+            prefix = b"retry: 2000\n"
+            while True:
+                seen, data = await hub.wait_newer(seen)
+                yield prefix + b"event: stats\nid: %d\ndata: " % seen + data + b"\n\n"
+                prefix = b""
+
+        response = Response(events(), mimetype="text/event-stream", headers=_SSE_HEADERS)
+        response.timeout = None  # an endless stream: no RESPONSE_TIMEOUT
+        return response
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return _json_response(openapi_document())
+
+    # -- commands -------------------------------------------------------------------
+
+    @app.post("/api/stages/<stage>/scale")
+    async def scale(stage: str) -> Response:
+        check_token()
+        find_stage(runtime.statistics(), stage)
+        body = await _read_json()
+        count = body.get("instances") if isinstance(body, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise _Refusal(400, 'expected a JSON object {"instances": N} with an integer N >= 1')
+        try:
+            await runtime.scale(stage, count)
+        except KeyError as exc:
+            raise _Refusal(404, f"unknown stage {stage!r}") from exc
+        except ValueError as exc:
+            raise _Refusal(400, str(exc)) from exc
+        return _json_response(_stage_dict(find_stage(runtime.statistics(), stage)))
+
+    @app.post("/api/instances/<int:instance_id>/drain")
+    async def drain(instance_id: int) -> Response:
+        check_token()
+        try:
+            await runtime.drain(instance_id)
+        except KeyError as exc:
+            raise _Refusal(404, f"unknown instance {instance_id}") from exc
+        states = {i.instance_id: str(i.state) for i in runtime.statistics().instances}
+        return _json_response(
+            {"instance": instance_id, "state": states.get(instance_id, "stopped")}, 202
+        )
+
+    # -- ingress --------------------------------------------------------------------
+
+    @app.post("/v1/pipelines/<name>/requests")
+    async def submit(name: str) -> Response:
+        check_token()
+        served = runtime.statistics().pipeline
+        if name != served:
+            raise _Refusal(404, f"unknown pipeline {name!r}; this runtime serves {served!r}")
+        streaming = _wants_stream()
+        body = await _read_json()
+        input_type = runtime.input_type()
+        try:
+            message = json_format.ParseDict(body, input_type())
+        except (json_format.ParseError, TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise _Refusal(
+                400, f"input does not fit {input_type.DESCRIPTOR.full_name}: {exc}"
+            ) from exc
+
+        run = _RequestRun(ingress, decode)
+        try:
+            source = runtime.submit(message.SerializeToString())
+            first = await source.__anext__()
+        except OverloadedError as exc:
+            retry_after = max(1, math.ceil(exc.retry_after))
+            raise _Refusal(429, str(exc), {"Retry-After": str(retry_after)}) from exc
+        except StopAsyncIteration:
+            first = RequestEvent("error", 0, message="the runtime ended the request at once")
+            source = _empty()
+
+        if streaming:
+
+            async def body_events() -> AsyncGenerator[bytes, None]:
+                async with aclosing(run.events(first, source)) as events:
+                    async for kind, data in events:
+                        yield _sse(kind, data)
+
+            headers = dict(_SSE_HEADERS)
+            if first.request_id:
+                headers["X-Request-Id"] = str(first.request_id)
+            response = Response(
+                _ClosingBody(body_events(), source), mimetype="text/event-stream", headers=headers
+            )
+            response.timeout = None  # results of a long pipeline may take minutes
+            return response
+
+        results: list[dict[str, Any]] = []
+        answer: dict[str, Any] = {"request_id": first.request_id, "status": "error"}
+        try:
+            async with aclosing(run.events(first, source)) as events:
+                async for kind, data in events:
+                    if kind == "result":
+                        data.pop("request_id", None)
+                        results.append(data)
+                    elif kind == "done":
+                        answer.update(status="done", latency_s=data["latency_s"])
+                    elif kind == "error":
+                        answer.update(status="error", error=data["message"])
+        finally:
+            await _aclose(source)
+        answer["request_id"] = run.request_id
+        answer["results"] = results
+        return _json_response(answer)
+
+    # -- dashboard ------------------------------------------------------------------
+
+    @app.get("/")
+    async def index() -> Response:
+        return await dashboard_file("index.html")
+
+    @app.get("/<path:filename>")
+    async def dashboard_file(filename: str) -> Response:
+        if not static_dir.is_dir():
+            raise _Refusal(404, f"no dashboard at {static_dir}")
+        response = await send_from_directory(static_dir, filename)
+        response.cache_control.no_cache = True
+        return response
+
+    return app
+
+
+async def _empty() -> AsyncGenerator[RequestEvent, None]:
+    return
+    yield  # pragma: no cover
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve_control(
+    runtime: RuntimeCommands,
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    stream_interval: float = 0.25,
+    dashboard_dir: Path | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control plane on ``host:port`` until cancelled.
+
+    Start it with ``await nursery.start(serve_control, runtime, host, port)``: that returns
+    the bound port, which is the chosen free port when ``port`` is 0. Cancellation shuts the
+    server down.
+
+    Raises ValueError when ``host`` is not a loopback address and no ``token`` is given:
+    without one, anyone who can reach the port could scale stages and submit requests.
+    Raises OSError when the address cannot be bound.
+    """
+    if token is None and not _is_loopback(host):
+        raise ValueError(
+            f"refusing to serve the control plane on non-loopback host {host!r} without a "
+            "token: anyone who can reach it could scale stages and submit requests. Pass a "
+            "token (alto serve --token ...) or bind 127.0.0.1."
+        )
+    app = create_app(
+        runtime, token=token, dashboard_dir=dashboard_dir, stream_interval=stream_interval
+    )
+    config = Config()
+    bind_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    config.bind = [f"{bind_host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("alto.control.http")
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
+        bound = int(binds[0].rsplit(":", 1)[1])
+        logger.info("control plane on http://%s:%d", bind_host, bound)
+        task_status.started(bound)

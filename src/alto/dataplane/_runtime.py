@@ -1,0 +1,937 @@
+"""The central runtime: relays frames between stage instances and clients.
+
+One Trio task reads each connection; one writes it. A reader parses *every complete frame
+of each receive* and routes it, appending to per-destination buffers, and only then wakes
+the writers: never an await per frame (docs/relay.md has the measurements behind this).
+The runtime reads headers only; payloads stay opaque bytes.
+
+Routing per edge (design.md):
+
+* into a stateful stage with aggregation level L: the group key is the key path's first L
+  ids, i.e. the byte slice ``frame[10:10 + 8 * L]``. An open group is pinned to the
+  instance chosen when its first item arrived and stays there until the runtime closes it
+  (invariant 1), whatever the scheduler's ring does meanwhile;
+* into other stages: the stage's scheduler chooses, with the prompt key as the key when
+  the frame carries one (prompt-sticky), else with no key (round robin, least outstanding).
+
+Accounting (invariant 3). A *live entry* is a frame routed to a stage and not yet
+acknowledged by the instance that processes it. Stage code acknowledges an input only
+after it has written all outputs for it, on the same ordered connection, so when the
+runtime reads the ACK it has already counted the children. A request is complete when it
+has no live entries (and hence no open groups). A group ``(S, P)`` of a stateful stage S is
+complete when no live entry at a stage upstream of S can still produce an item under P:
+
+* an entry whose key path starts with P, or
+* an entry at an *ancestor* path A of P whose child ``P[:len(A)+1]`` is still open (the
+  producer has not closed that child stream with a LAST item or a CLOSE frame).
+
+Then the runtime sends GROUP_CLOSED for P to the pinned instance, behind the group's last
+item on the same connection; that frame is itself a live entry until acknowledged, so the
+aggregator's emission is counted before the request can finish.
+
+Memory is bounded (invariant 5): each instance holds at most ``credits`` unacknowledged
+frames; the rest wait in its backlog; a reader whose destination backlog passes
+``backlog_limit`` stops reading (backpressure) until it drains; and the ingress refuses
+requests past ``max_inflight_requests``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import trio
+
+from .._config import DeploymentConfig, PipelineConfig, StageConfig, resolve
+from .._errors import AltoError, OverloadedError, RemoteProtocolError
+from ._frames import HEADER, FrameKind, encode, parse
+from ._schedulers import NoInstanceError, Scheduler, load_scheduler
+from ._stats import (
+    InstanceState,
+    InstanceStatistics,
+    RequestEvent,
+    RuntimeStatistics,
+    StageStatistics,
+)
+
+log = logging.getLogger("alto.runtime")
+
+__all__ = ["Runtime"]
+
+_DATA = FrameKind.DATA
+_ACK = FrameKind.ACK
+_CLOSE = FrameKind.CLOSE
+_ERROR = FrameKind.ERROR
+_SUBMIT = FrameKind.SUBMIT
+_HELLO = FrameKind.HELLO
+_LAST = 1
+_U32 = struct.Struct("<I")
+_RECV_SIZE = 256 * 1024  # relay-notes: 256 KiB did best (16 KiB and 1 MiB were 30-35% slower)
+_CLIENT_OUT_LIMIT = 8 * 1024 * 1024
+
+
+class _Conn:
+    """One socket: a buffered writer task and a parking lot to wake it."""
+
+    def __init__(self, sock: trio.socket.SocketType, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.out = bytearray()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closed:
+            self.out += data
+            if self._lot:
+                self._lot.unpark_all()
+
+    async def writer(self) -> None:
+        sock = self.sock
+        try:
+            while True:
+                while not self.out:
+                    if self.closed:
+                        return
+                    if self._drained:
+                        self._drained.unpark_all()
+                    await self._lot.park()
+                data, self.out = self.out, bytearray()
+                view = memoryview(data)
+                while view:
+                    n = await sock.send(view)
+                    view = view[n:]
+        except OSError as exc:  # the peer went away; its reader notices too
+            log.debug("%s: write failed: %s", self.name, exc)
+            self.closed = True
+
+    async def wait_drained(self, limit: int) -> None:
+        while len(self.out) > limit and not self.closed:
+            await self._drained.park()
+
+    def close(self) -> None:
+        self.closed = True
+        self._lot.unpark_all()
+        self._drained.unpark_all()
+
+
+class _Sink:
+    """Where a request's results go: a client connection or an in-process consumer."""
+
+    def result(self, rid: int, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def done(self, rid: int) -> None:
+        raise NotImplementedError
+
+    def error(self, rid: int, message: str) -> None:
+        raise NotImplementedError
+
+
+class _ConnSink(_Sink):
+    def __init__(self, conn: _Conn, corr: int) -> None:
+        self.conn, self.corr = conn, corr
+
+    def result(self, rid: int, frame: bytes) -> None:
+        self.conn.send(frame)
+
+    def done(self, rid: int) -> None:
+        self.conn.send(encode(FrameKind.DONE, [rid]))
+
+    def error(self, rid: int, message: str) -> None:
+        self.conn.send(encode(FrameKind.ERROR, [rid], payload=message.encode()))
+
+
+class _LocalSink(_Sink):
+    """In-process consumer (the HTTP ingress): events in a deque, a lot to wake the reader."""
+
+    def __init__(self) -> None:
+        self.events: deque[RequestEvent] = deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.finished = False
+
+    def _push(self, ev: RequestEvent) -> None:
+        self.events.append(ev)
+        self.lot.unpark_all()
+
+    def result(self, rid: int, frame: bytes) -> None:
+        f = parse(frame, 0, len(frame))
+        self._push(RequestEvent("result", rid, f.queue, f.key_path, f.payload, time=trio.current_time()))
+
+    def done(self, rid: int) -> None:
+        self.finished = True
+        self._push(RequestEvent("done", rid, time=trio.current_time()))
+
+    def error(self, rid: int, message: str) -> None:
+        self.finished = True
+        self._push(RequestEvent("error", rid, message=message, time=trio.current_time()))
+
+
+class _Request:
+    __slots__ = ("closed", "closed_groups", "groups", "live", "live_total", "rid", "sink", "sub", "t0")
+
+    def __init__(self, rid: int, sink: _Sink | None, t0: float) -> None:
+        self.rid = rid
+        self.sink = sink
+        self.t0 = t0
+        self.live_total = 0
+        self.live: dict[tuple[int, bytes], int] = {}
+        self.sub: dict[tuple[int, bytes], int] = {}
+        self.closed: set[bytes] = set()
+        self.groups: dict[tuple[int, bytes], _Instance] = {}
+        self.closed_groups: set[tuple[int, bytes]] = set()
+
+
+class _Instance:
+    def __init__(self, iid: int, stage: _Stage, credits: int) -> None:
+        self.id = iid
+        self.stage = stage
+        self.credits = credits
+        self.state = InstanceState.STARTING
+        self.conn: _Conn | None = None
+        self.inflight = 0
+        self.depth = 0
+        self.backlog: deque[bytes] = deque()
+        self.open_groups = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.pid: int | None = None
+        self.last_error: str | None = None
+        self.req_counts: dict[int, int] = {}
+        self.unblocked = trio.lowlevel.ParkingLot()
+        self.process: trio.Process | None = None
+        self.stopped = trio.Event()
+
+
+class _Stage:
+    def __init__(self, index: int, cfg: StageConfig, scheduler: Scheduler) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.name = cfg.name
+        self.scheduler = scheduler
+        self.instances: dict[int, _Instance] = {}
+        self.loads: dict[int, int] = {}
+        self.groups: dict[bytes, _Instance] = {}
+        self.level = cfg.aggregate_level or 0
+        self.key_end = 10 + 8 * self.level
+        self.up: tuple[int, ...] = ()
+        self.track_levels: tuple[int, ...] = ()  # levels of stateful stages downstream
+        self.tracked = False
+        self.child_tag = 0
+        self.target = 1
+        self.frames_processed = 0
+        self.errors = 0
+
+
+class Runtime:
+    """The dataplane of one pipeline. Use :meth:`serve` in a nursery::
+
+        runtime = Runtime(pipeline, deployment, token=token)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.serve, socket_path)
+
+    Instances are spawned by a launcher (``alto.dataplane._launcher``) through the
+    ``spawn`` callback, or connect on their own (remote instances over TCP).
+    """
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        deployment: DeploymentConfig,
+        *,
+        token: str,
+        spawn: Callable[[str, int], Any] | None = None,
+        stop_instance: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.deployment = deployment
+        self.limits = deployment.runtime
+        self.token = token
+        self._spawn = spawn
+        self._stop_instance = stop_instance
+        self.stages: dict[str, _Stage] = {}
+        for i, (name, cfg) in enumerate(pipeline.stages.items()):
+            opts = dict(cfg.scheduler_options)
+            self.stages[name] = _Stage(i, cfg, load_scheduler(cfg.scheduler, **opts))
+        by_index = list(self.stages.values())
+        for st in by_index:
+            st.up = tuple(sorted(self.stages[u].index for u in pipeline.upstream(st.name)))
+            st.target = deployment.instances(st.name)
+        for st in by_index:
+            levels = {
+                s.level for s in by_index if s.cfg.stateful and st.index in s.up
+            }
+            st.track_levels = tuple(sorted(levels))
+            st.tracked = bool(levels)
+        # A fan-out child id is tagged with the stage only where two fan-out stages receive
+        # paths of the same depth: there, equal counters would name different streams.
+        depth_count: dict[int, int] = {}
+        for st in by_index:
+            if st.cfg.fanout:
+                depth_count[st.cfg.input_depth] = depth_count.get(st.cfg.input_depth, 0) + 1
+        for st in by_index:
+            if st.cfg.fanout and depth_count[st.cfg.input_depth] > 1:
+                st.child_tag = (st.index + 1) << 40
+        self._by_index = by_index
+        # queue name bytes -> destination stage, or None for a sink queue
+        self.routes: dict[bytes, _Stage | None] = {}
+        for q in pipeline.queues:
+            dst = pipeline.consumer.get(q)
+            self.routes[q.encode()] = self.stages[dst] if dst else None
+        self.entry_stage = self.stages[pipeline.consumer[pipeline.input]]
+        self.instances: dict[int, _Instance] = {}
+        self.requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._rids = itertools.count(1)
+        self._dirty: set[_Request] = set()
+        self._overfull: list[_Instance] = []
+        self.frames_relayed = 0
+        self.requests_submitted = 0
+        self.requests_completed = 0
+        self.requests_failed = 0
+        self.requests_refused = 0
+        self.scale_events = 0
+        self.frames_dropped = 0
+        self._nursery: trio.Nursery | None = None
+        self._ready = trio.Event()
+
+    # ------------------------------------------------------------------ serving
+
+    async def serve(
+        self,
+        listeners: Iterable[trio.socket.SocketType],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on the given listening sockets until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for sock in listeners:
+                nursery.start_soon(self._accept_loop, sock)
+            task_status.started()
+
+    async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
+        assert self._nursery is not None
+        while True:
+            sock, _ = await listener.accept()
+            self._nursery.start_soon(self._handle, sock)
+
+    def new_instance_id(self, stage: str) -> int:
+        """Reserve an id for an instance of ``stage`` about to be spawned."""
+        st = self.stages[stage]
+        iid = next(self._ids)
+        inst = _Instance(iid, st, self.deployment.credits(stage))
+        self.instances[iid] = inst
+        st.instances[iid] = inst
+        return iid
+
+    async def _handle(self, sock: trio.socket.SocketType) -> None:
+        conn = _Conn(sock, "connection")
+        try:
+            with sock:
+                hello = await self._read_hello(sock)
+                if hello is None:
+                    return
+                body, rest = hello
+                if not isinstance(body.get("token"), str) or not hmac.compare_digest(
+                    body["token"].encode(), self.token.encode()
+                ):
+                    log.warning("refused a connection without the runtime's token")
+                    await sock.send(encode(FrameKind.REFUSED, [0], payload=b"authentication failed"))
+                    return
+                role = body.get("role")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(conn.writer)
+                    try:
+                        if role == "instance":
+                            await self._serve_instance(conn, body, rest)
+                        elif role == "client":
+                            await self._serve_client(conn, rest)
+                        else:
+                            log.warning("refused a connection with unknown role %r", role)
+                    finally:
+                        conn.close()
+        except (OSError, trio.BrokenResourceError) as exc:
+            log.debug("%s: %s", conn.name, exc)
+
+    async def _read_hello(self, sock: trio.socket.SocketType) -> tuple[dict[str, Any], bytes] | None:
+        buf = b""
+        with trio.move_on_after(10):
+            while len(buf) < 4 or len(buf) < 4 + _U32.unpack_from(buf)[0]:
+                if len(buf) >= 4 and _U32.unpack_from(buf)[0] > 65536:
+                    log.warning("refused a connection: first frame too large")
+                    return None
+                chunk = await sock.recv(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+            size = _U32.unpack_from(buf)[0]
+            try:
+                f = parse(buf, 0, size + 4)
+                if f.kind != _HELLO:
+                    raise RemoteProtocolError(f"expected HELLO, got {f.kind.name}")
+                body = json.loads(f.payload)
+                if not isinstance(body, dict):
+                    raise RemoteProtocolError("HELLO payload is not a JSON object")
+            except (RemoteProtocolError, ValueError) as exc:
+                log.warning("refused a connection: %s", exc)
+                return None
+            return body, buf[size + 4 :]
+        log.warning("refused a connection: no HELLO within 10 s")
+        return None
+
+    # ------------------------------------------------------------------ instances
+
+    async def _serve_instance(self, conn: _Conn, body: dict[str, Any], rest: bytes) -> None:
+        stage_name = body.get("stage")
+        if stage_name not in self.stages:
+            conn.send(encode(FrameKind.REFUSED, [0], payload=f"unknown stage {stage_name!r}".encode()))
+            return
+        st = self.stages[stage_name]
+        iid = body.get("instance")
+        inst = self.instances.get(iid) if isinstance(iid, int) else None
+        if inst is None or inst.stage is not st or inst.state != InstanceState.STARTING:
+            if iid is not None:
+                conn.send(encode(FrameKind.REFUSED, [0], payload=f"unknown instance {iid!r}".encode()))
+                return
+            inst = self.instances[self.new_instance_id(st.name)]  # a remote instance
+            st.target = max(st.target, sum(1 for i in st.instances.values() if i.state in (InstanceState.READY, InstanceState.STARTING)))
+        inst.conn = conn
+        inst.pid = body.get("pid")
+        conn.name = f"{st.name}/{inst.id}"
+        conn.send(
+            encode(
+                FrameKind.WELCOME,
+                [0],
+                payload=json.dumps(
+                    {
+                        "instance": inst.id,
+                        "stage_index": st.index,
+                        "credits": inst.credits,
+                        "child_tag": st.child_tag,
+                        "max_frame_size": self.limits.max_frame_size,
+                    }
+                ).encode(),
+            )
+        )
+        inst.state = InstanceState.READY
+        st.loads[inst.id] = inst.depth
+        st.scheduler.add_instance(inst.id)
+        log.info("instance %s/%d ready (pid %s)", st.name, inst.id, inst.pid)
+        reason = "runtime shutting down"
+        try:
+            await self._read_loop(conn, inst, rest)
+            reason = "connection closed"
+        except RemoteProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.error("%s: %s; closing the connection", conn.name, reason)
+        except OSError as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            if inst.state not in (InstanceState.STOPPED, InstanceState.CRASHED):
+                self.instance_lost(inst, reason)
+
+    async def _read_loop(self, conn: _Conn, inst: _Instance | None, rest: bytes) -> None:
+        """Receive into one buffer and handle every complete frame of each receive."""
+        sock = conn.sock
+        buf = bytearray(_RECV_SIZE)
+        end = len(rest)
+        buf[:end] = rest
+        max_size = self.limits.max_frame_size
+        unpack = HEADER.unpack_from
+        handle_instance = self._instance_frame
+        handle_client = self._client_frame
+        while True:
+            off = 0
+            while end - off >= 18:
+                size = _U32.unpack_from(buf, off)[0]
+                fend = off + 4 + size
+                if fend > end:
+                    if size + 4 > max_size:
+                        raise RemoteProtocolError(f"frame of {size + 4} bytes exceeds the limit of {max_size}")
+                    break
+                if size < 14:
+                    raise RemoteProtocolError(f"frame of {size + 4} bytes is shorter than a header")
+                h = unpack(buf, off)
+                if h[4] == 0 or 10 + 8 * h[4] + h[3] + h[5] > size + 4:
+                    raise RemoteProtocolError("frame header lengths exceed the frame")
+                if inst is not None:
+                    handle_instance(inst, buf, off, fend, h)
+                else:
+                    handle_client(conn, buf, off, fend, h)
+                off = fend
+            if off:
+                buf[: end - off] = buf[off:end]
+                end -= off
+            if end >= 4:
+                need = 4 + _U32.unpack_from(buf, 0)[0]
+                if need > len(buf) and need <= max_size:
+                    buf.extend(bytes(need - len(buf)))
+            self._after_batch()
+            if self._overfull:
+                await self._wait_overfull(conn)
+            n = await sock.recv_into(memoryview(buf)[end:])
+            if n == 0:
+                if end:
+                    raise RemoteProtocolError(f"connection closed in the middle of a frame ({end} bytes)")
+                return
+            end += n
+
+    def _instance_frame(self, inst: _Instance, buf: bytearray, off: int, fend: int, h: tuple[int, ...]) -> None:
+        kind = h[1]
+        inst.frames_in += 1
+        rid = h[6]
+        st = inst.stage
+        if kind == _DATA:
+            self._route(st, buf, off, fend, h)
+        elif kind == _ACK:
+            self._ack(inst, buf, off, h)
+        elif kind == _CLOSE:
+            req = self.requests.get(rid)
+            if req is not None and st.tracked:
+                req.closed.add(bytes(buf[off + 10 : off + 10 + 8 * h[4]]))
+                self._dirty.add(req)
+        elif kind == _ERROR:
+            st.errors += 1
+            msg = bytes(buf[off + 10 + 8 * h[4] + h[3] + h[5] : fend]).decode("utf-8", "replace")
+            inst.last_error = msg
+            self.fail_request(rid, f"stage {st.name!r} instance {inst.id}: {msg}")
+        else:
+            raise RemoteProtocolError(f"unexpected {FrameKind(kind).name if kind in FrameKind._value2member_map_ else kind} frame from an instance")
+
+    def _route(self, src: _Stage | None, buf: bytearray, off: int, fend: int, h: tuple[int, ...]) -> None:
+        """Route one DATA frame (``h`` is its unpacked header)."""
+        rid = h[6]
+        req = self.requests.get(rid)
+        if req is None:  # the request failed or was never admitted
+            self.frames_dropped += 1
+            return
+        depth = h[4]
+        q0 = off + 10 + 8 * depth
+        dst = self.routes.get(bytes(buf[q0 : q0 + h[3]]), False)
+        if dst is False:
+            qname = bytes(buf[q0 : q0 + h[3]]).decode("ascii", "replace")
+            self.fail_request(rid, f"stage {src.name if src else 'ingress'!r} wrote to unknown queue {qname!r}; queues: {', '.join(self.pipeline.queues)}")
+            return
+        if src is not None and h[2] & _LAST and src.tracked:
+            req.closed.add(bytes(buf[off + 10 : off + 10 + 8 * depth]))
+            self._dirty.add(req)
+        self.frames_relayed += 1
+        frame = bytes(buf[off:fend])
+        if dst is None:  # a sink queue: straight to the client
+            if req.sink is not None:
+                req.sink.result(rid, frame)
+            return
+        if dst.level:
+            if depth < dst.level:
+                self.fail_request(rid, f"frame for stateful stage {dst.name!r} has key path depth {depth} < its aggregation level {dst.level}")
+                return
+            key = frame[10 : dst.key_end]
+            inst = dst.groups.get(key)
+            if inst is None:
+                gk = (dst.index, key)
+                if gk in req.closed_groups:
+                    self.fail_request(rid, f"stage {src.name if src else 'ingress'!r} wrote an item for group {_path_str(key)} of stage {dst.name!r} after that group was closed")
+                    return
+                try:
+                    inst = dst.instances[dst.scheduler.choose(key, dst.loads)]
+                except NoInstanceError:
+                    self.fail_request(rid, f"no instance of stage {dst.name!r} is available")
+                    return
+                dst.groups[key] = inst
+                inst.open_groups += 1
+                req.groups[gk] = inst
+                self._dirty.add(req)
+        else:
+            pk = None
+            if h[5]:
+                k0 = q0 + h[3]
+                pk = frame[k0 - off : k0 - off + h[5]]
+            try:
+                inst = dst.instances[dst.scheduler.choose(pk, dst.loads)]
+            except NoInstanceError:
+                self.fail_request(rid, f"no instance of stage {dst.name!r} is available")
+                return
+        self._add_live(req, dst, frame, depth)
+        self._dispatch(inst, rid, frame)
+
+    def _add_live(self, req: _Request, st: _Stage, frame: bytes, depth: int) -> None:
+        req.live_total += 1
+        if st.tracked:
+            path = frame[10 : 10 + 8 * depth]
+            k = (st.index, path)
+            req.live[k] = req.live.get(k, 0) + 1
+            for lvl in st.track_levels:
+                if depth >= lvl:
+                    k = (st.index, path[: 8 * lvl])
+                    req.sub[k] = req.sub.get(k, 0) + 1
+
+    def _dispatch(self, inst: _Instance, rid: int, frame: bytes) -> None:
+        inst.depth += 1
+        inst.stage.loads[inst.id] = inst.depth
+        rc = inst.req_counts
+        rc[rid] = rc.get(rid, 0) + 1
+        if inst.inflight < inst.credits and not inst.backlog:
+            inst.inflight += 1
+            inst.frames_out += 1
+            assert inst.conn is not None
+            inst.conn.send(frame)
+        else:
+            inst.backlog.append(frame)
+            if len(inst.backlog) > self.limits.backlog_limit:
+                self._overfull.append(inst)
+
+    def _ack(self, inst: _Instance, buf: bytearray, off: int, h: tuple[int, ...]) -> None:
+        rid = h[6]
+        inst.inflight -= 1
+        inst.depth -= 1
+        st = inst.stage
+        st.loads[inst.id] = inst.depth
+        st.frames_processed += 1
+        rc = inst.req_counts
+        c = rc.get(rid, 0) - 1
+        if c > 0:
+            rc[rid] = c
+        else:
+            rc.pop(rid, None)
+        if inst.backlog:
+            conn = inst.conn
+            assert conn is not None
+            while inst.backlog and inst.inflight < inst.credits:
+                conn.send(inst.backlog.popleft())
+                inst.inflight += 1
+                inst.frames_out += 1
+            if inst.unblocked and len(inst.backlog) <= self.limits.backlog_limit // 2:
+                inst.unblocked.unpark_all()
+        req = self.requests.get(rid)
+        if req is not None:
+            req.live_total -= 1
+            if st.tracked:
+                depth = h[4]
+                path = bytes(buf[off + 10 : off + 10 + 8 * depth])
+                k = (st.index, path)
+                n = req.live.get(k, 0) - 1
+                if n > 0:
+                    req.live[k] = n
+                else:
+                    req.live.pop(k, None)
+                for lvl in st.track_levels:
+                    if depth >= lvl:
+                        k = (st.index, path[: 8 * lvl])
+                        n = req.sub.get(k, 0) - 1
+                        if n > 0:
+                            req.sub[k] = n
+                        else:
+                            req.sub.pop(k, None)
+                self._dirty.add(req)
+            elif req.live_total == 0:
+                self._dirty.add(req)
+        if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
+            self._finish_drain(inst)
+
+    def _after_batch(self) -> None:
+        """Close complete groups and finish complete requests touched by the last batch."""
+        while self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            for req in dirty:
+                if self.requests.get(req.rid) is not req:
+                    continue
+                if req.groups:
+                    for (sidx, key), inst in list(req.groups.items()):
+                        if self._group_complete(req, self._by_index[sidx], key):
+                            self._close_group(req, sidx, key, inst)
+                if req.live_total == 0 and not req.groups:
+                    self._complete(req)
+
+    def _group_complete(self, req: _Request, st: _Stage, key: bytes) -> bool:
+        live, sub, closed = req.live, req.sub, req.closed
+        for t in st.up:
+            if (t, key) in sub:
+                return False
+        for k in range(1, st.level):
+            if key[: 8 * (k + 1)] in closed:
+                continue
+            anc = key[: 8 * k]
+            for t in st.up:
+                if (t, anc) in live:
+                    return False
+        return True
+
+    def _close_group(self, req: _Request, sidx: int, key: bytes, inst: _Instance) -> None:
+        st = self._by_index[sidx]
+        del req.groups[(sidx, key)]
+        req.closed_groups.add((sidx, key))
+        if st.groups.get(key) is inst:
+            del st.groups[key]
+        inst.open_groups -= 1
+        frame = encode(FrameKind.GROUP_CLOSED, struct.unpack(f"<{len(key) // 8}Q", key))
+        self._add_live(req, st, frame, len(key) // 8)
+        self._dispatch(inst, req.rid, frame)
+        self._dirty.add(req)
+
+    def _complete(self, req: _Request) -> None:
+        del self.requests[req.rid]
+        self.requests_completed += 1
+        if req.sink is not None:
+            req.sink.done(req.rid)
+
+    async def _wait_overfull(self, conn: _Conn) -> None:
+        """Backpressure: stop reading this connection until the backlogs it filled drain."""
+        limit = self.limits.backlog_limit
+        while self._overfull:
+            inst = self._overfull.pop()
+            if inst.conn is conn:  # never wait for our own acknowledgements
+                continue
+            while len(inst.backlog) > limit // 2 and inst.state in (InstanceState.READY, InstanceState.DRAINING):
+                await inst.unblocked.park()
+
+    # ------------------------------------------------------------------ failures
+
+    def fail_request(self, rid: int, message: str) -> None:
+        """End a request with an error naming its cause; its later frames are dropped."""
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return
+        self.requests_failed += 1
+        log.warning("request %d failed: %s", rid, message)
+        for (sidx, key), inst in req.groups.items():
+            st = self._by_index[sidx]
+            if st.groups.get(key) is inst:
+                del st.groups[key]
+            inst.open_groups -= 1
+            if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
+                self._finish_drain(inst)
+        req.groups.clear()
+        if req.sink is not None:
+            req.sink.error(rid, message)
+
+    def instance_lost(self, inst: _Instance, reason: str) -> None:
+        """An instance exited or its connection broke: fail its work (invariant 4)."""
+        st = inst.stage
+        expected = inst.state in (InstanceState.DRAINING,) and inst.depth == 0 and inst.open_groups == 0
+        inst.state = InstanceState.STOPPED if expected else InstanceState.CRASHED
+        if not expected:
+            inst.last_error = reason
+            log.error("instance %s/%d lost: %s", st.name, inst.id, reason)
+        if inst.id in st.scheduler.instances:
+            st.scheduler.remove_instance(inst.id)
+        st.loads.pop(inst.id, None)
+        pinned = [req.rid for req in self.requests.values() for (sidx, _), i in req.groups.items() if i is inst]
+        for rid in set(pinned) | set(inst.req_counts):
+            self.fail_request(rid, f"stage {st.name!r} instance {inst.id} crashed: {reason}")
+        inst.req_counts.clear()
+        inst.backlog.clear()
+        inst.unblocked.unpark_all()
+        inst.depth = inst.inflight = 0
+        if inst.conn is not None:
+            inst.conn.close()
+        inst.stopped.set()
+
+    # ------------------------------------------------------------------ clients
+
+    async def _serve_client(self, conn: _Conn, rest: bytes) -> None:
+        conn.name = "client"
+        conn.send(encode(FrameKind.WELCOME, [0], payload=json.dumps({
+            "pipeline": self.pipeline.name,
+            "input": self.pipeline.input,
+            "queues": {q: c.type for q, c in self.pipeline.queues.items() if q in self.pipeline.outputs or q == self.pipeline.input},
+        }).encode()))
+        try:
+            await self._read_loop(conn, None, rest)
+        finally:
+            for req in self.requests.values():  # keep running; nobody to tell
+                if isinstance(req.sink, _ConnSink) and req.sink.conn is conn:
+                    req.sink = None
+
+    def _client_frame(self, conn: _Conn, buf: bytearray, off: int, fend: int, h: tuple[int, ...]) -> None:
+        if h[1] != _SUBMIT:
+            raise RemoteProtocolError(f"clients may only send SUBMIT frames, got kind {h[1]}")
+        corr = h[6]
+        payload = bytes(buf[off + 10 + 8 * h[4] + h[3] + h[5] : fend])
+        try:
+            rid = self._admit(_ConnSink(conn, corr))
+        except OverloadedError as exc:
+            conn.send(encode(FrameKind.REFUSED, [corr], payload=str(exc).encode()))
+            return
+        conn.send(encode(FrameKind.ACCEPTED, [corr, rid]))
+        self._ingress(rid, payload)
+
+    def _admit(self, sink: _Sink) -> int:
+        if len(self.requests) >= self.limits.max_inflight_requests:
+            self.requests_refused += 1
+            raise OverloadedError(
+                f"{len(self.requests)} requests in flight, the limit is {self.limits.max_inflight_requests}",
+                retry_after=1.0,
+            )
+        rid = next(self._rids)
+        self.requests[rid] = _Request(rid, sink, trio.current_time())
+        self.requests_submitted += 1
+        return rid
+
+    def _ingress(self, rid: int, payload: bytes) -> None:
+        frame = encode(FrameKind.DATA, [rid], self.pipeline.input, payload, max_frame_size=self.limits.max_frame_size)
+        self._route(None, bytearray(frame), 0, len(frame), HEADER.unpack_from(frame, 0))
+        self._after_batch()
+
+    async def submit(self, payload: bytes) -> AsyncIterator[RequestEvent]:
+        """In-process ingress (the HTTP control plane uses it). See RuntimeCommands."""
+        sink = _LocalSink()
+        rid = self._admit(sink)
+        yield RequestEvent("accepted", rid, time=trio.current_time())
+        self._ingress(rid, payload)
+        try:
+            while True:
+                while sink.events:
+                    ev = sink.events.popleft()
+                    yield ev
+                    if ev.kind in ("done", "error"):
+                        return
+                await sink.lot.park()
+        finally:
+            req = self.requests.get(rid)
+            if req is not None and req.sink is sink:
+                req.sink = None
+
+    def input_type(self) -> Any:
+        return self.queue_type(self.pipeline.input)
+
+    def queue_type(self, queue: str) -> Any:
+        return resolve(self.pipeline.queues[queue].type, what="message type")
+
+    # ------------------------------------------------------------------ scaling
+
+    def active_instances(self, stage: str) -> list[_Instance]:
+        return [
+            i for i in self.stages[stage].instances.values()
+            if i.state in (InstanceState.READY, InstanceState.STARTING)
+        ]  # fmt: skip
+
+    async def scale(self, stage: str, instances: int) -> None:
+        """Spawn or drain instances until ``stage`` has ``instances`` of them."""
+        if stage not in self.stages:
+            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(self.stages)}")
+        if not isinstance(instances, int) or isinstance(instances, bool) or instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
+        st = self.stages[stage]
+        st.target = instances
+        active = self.active_instances(stage)
+        if instances > len(active):
+            if self._spawn is None:
+                raise AltoError("this runtime has no launcher: start instances yourself")
+            for _ in range(instances - len(active)):
+                iid = self.new_instance_id(stage)
+                self.scale_events += 1
+                await self._spawn(stage, iid)
+        elif instances < len(active):
+            # drain the instances with the least pinned work first
+            victims = sorted(active, key=lambda i: (i.state == InstanceState.READY, i.open_groups, i.depth))
+            for inst in victims[: len(active) - instances]:
+                self.scale_events += 1
+                self._begin_drain(inst)
+
+    async def drain(self, instance_id: int) -> None:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise KeyError(f"unknown instance {instance_id}")
+        if inst.state in (InstanceState.READY, InstanceState.STARTING):
+            self.scale_events += 1
+            inst.stage.target = max(1, len(self.active_instances(inst.stage.name)) - 1)
+            self._begin_drain(inst)
+
+    def _begin_drain(self, inst: _Instance) -> None:
+        st = inst.stage
+        inst.state = InstanceState.DRAINING
+        if inst.id in st.scheduler.instances:
+            st.scheduler.remove_instance(inst.id)
+        log.info("draining instance %s/%d (%d pinned groups, depth %d)", st.name, inst.id, inst.open_groups, inst.depth)
+        if inst.depth == 0 and inst.open_groups == 0:
+            self._finish_drain(inst)
+
+    def _finish_drain(self, inst: _Instance) -> None:
+        if inst.conn is not None:
+            inst.conn.send(encode(FrameKind.STOP, [0]))
+        if self._stop_instance is not None:
+            self._stop_instance(inst.id)
+
+    def instance_exited(self, iid: int, returncode: int | None) -> None:
+        """The launcher's report that an instance process ended."""
+        inst = self.instances.get(iid)
+        if inst is None or inst.state in (InstanceState.STOPPED, InstanceState.CRASHED):
+            return
+        if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
+            inst.state = InstanceState.STOPPED
+            inst.stopped.set()
+            if inst.conn is not None:
+                inst.conn.close()
+            return
+        self.instance_lost(inst, f"process exited with code {returncode}")
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self) -> RuntimeStatistics:
+        insts = tuple(
+            InstanceStatistics(
+                instance_id=i.id,
+                stage=i.stage.name,
+                state=i.state,
+                queue_depth=i.depth,
+                credits=i.credits,
+                backlog=len(i.backlog),
+                open_groups=i.open_groups,
+                frames_in=i.frames_in,
+                frames_out=i.frames_out,
+                pid=i.pid,
+                last_error=i.last_error,
+            )
+            for i in self.instances.values()
+        )
+        stages = tuple(
+            StageStatistics(
+                name=s.name,
+                scheduler=s.cfg.scheduler,
+                stateful=s.cfg.stateful,
+                aggregate_level=s.cfg.aggregate_level,
+                fanout=s.cfg.fanout,
+                inputs=s.cfg.inputs,
+                outputs=s.cfg.outputs,
+                instances=tuple(
+                    i.id for i in s.instances.values()
+                    if i.state not in (InstanceState.STOPPED, InstanceState.CRASHED)
+                ),  # fmt: skip
+                target_instances=s.target,
+                frames_processed=s.frames_processed,
+                errors=s.errors,
+            )
+            for s in self._by_index
+        )
+        return RuntimeStatistics(
+            pipeline=self.pipeline.name,
+            time=trio.current_time(),
+            stages=stages,
+            instances=insts,
+            requests_in_flight=len(self.requests),
+            requests_submitted=self.requests_submitted,
+            requests_completed=self.requests_completed,
+            requests_failed=self.requests_failed,
+            requests_refused=self.requests_refused,
+            frames_relayed=self.frames_relayed,
+            max_inflight_requests=self.limits.max_inflight_requests,
+            scale_events=self.scale_events,
+            edges=self.pipeline.edges(),
+        )
+
+    def pinned_groups(self) -> dict[str, dict[bytes, int]]:
+        """Open groups per stateful stage: key-path bytes -> instance id (for tests)."""
+        return {s.name: {k: i.id for k, i in s.groups.items()} for s in self._by_index if s.level}
+
+
+def _path_str(key: bytes) -> str:
+    return "[" + ", ".join(str(x) for x in struct.unpack(f"<{len(key) // 8}Q", key)) + "]"
+

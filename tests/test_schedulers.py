@@ -1,0 +1,569 @@
+"""Scheduler policies and their loading through the ``alto.schedulers`` entry points."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import random
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alto._errors import AltoError, PluginError, UnknownPluginError
+from alto.dataplane._schedulers import (
+    ENTRY_POINT_GROUP,
+    ConsistentHash,
+    Hash,
+    LeastOutstanding,
+    NoInstanceError,
+    PromptSticky,
+    RoundRobin,
+    Scheduler,
+    available_schedulers,
+    load_scheduler,
+)
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "alto-example-scheduler"
+
+
+def make(cls: type[Scheduler], ids: range | list[int], **options: Any) -> Scheduler:
+    sched = cls(**options)
+    for i in ids:
+        sched.add_instance(i)
+    return sched
+
+
+def random_keys(n: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(16) for _ in range(n)]
+
+
+def assignment(sched: Scheduler, keys: list[bytes]) -> list[int]:
+    loads = dict.fromkeys(sched.instances, 0)
+    return [sched.choose(k, loads) for k in keys]
+
+
+# --- instance bookkeeping, shared by every policy -------------------------------------
+
+ALL = [RoundRobin, LeastOutstanding, Hash, ConsistentHash, PromptSticky]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_no_instance(cls: type[Scheduler]) -> None:
+    sched = cls()
+    for key in (None, b"k"):
+        with pytest.raises(NoInstanceError, match=r"^no instance available$"):
+            sched.choose(key, {})
+    sched.add_instance(3)
+    sched.remove_instance(3)
+    with pytest.raises(NoInstanceError):
+        sched.choose(b"k", {})
+    assert issubclass(NoInstanceError, AltoError)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_instances_sorted_and_checked(cls: type[Scheduler]) -> None:
+    sched = make(cls, [5, 1, 3])
+    assert sched.instances == (1, 3, 5)
+    with pytest.raises(ValueError):
+        sched.add_instance(3)
+    with pytest.raises(KeyError):
+        sched.remove_instance(4)
+    sched.remove_instance(3)
+    assert sched.instances == (1, 5)
+    loads = {1: 0, 5: 0}
+    for key in (None, b"a", b"b"):
+        assert sched.choose(key, loads) in (1, 5)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_single_instance(cls: type[Scheduler]) -> None:
+    sched = make(cls, [7])
+    for load in (0, 1, 100):
+        for key in (None, b"x"):
+            assert sched.choose(key, {7: load}) == 7
+
+
+# --- round-robin and least-outstanding ------------------------------------------------
+
+
+def test_round_robin_cycles() -> None:
+    sched = make(RoundRobin, [2, 0, 1])
+    loads = {0: 9, 1: 0, 2: 0}
+    assert [sched.choose(b"ignored", loads) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    sched.add_instance(3)
+    picks = [sched.choose(None, loads) for _ in range(8)]
+    assert Counter(picks) == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+def test_least_outstanding_picks_min() -> None:
+    sched = make(LeastOutstanding, range(4))
+    assert sched.choose(None, {0: 3, 1: 2, 2: 5, 3: 4}) == 1
+    assert sched.choose(b"k", {0: 0, 1: 2, 2: 5, 3: 4}) == 0
+    assert sched.choose(None, {0: 3, 1: 2, 2: 5, 3: 1}) == 3
+
+
+def test_least_outstanding_spreads_ties() -> None:
+    sched = make(LeastOutstanding, range(4))
+    # Static equal loads: ties go round robin, not always to the lowest id.
+    assert [sched.choose(None, dict.fromkeys(range(4), 2)) for _ in range(8)] == [
+        0, 1, 2, 3, 0, 1, 2, 3,
+    ]  # fmt: skip
+    # Among the tied minimum only.
+    loads = {0: 1, 1: 5, 2: 1, 3: 5}
+    assert {sched.choose(None, loads) for _ in range(4)} == {0, 2}
+
+
+def test_least_outstanding_balances_with_acks() -> None:
+    sched = make(LeastOutstanding, range(5))
+    loads = dict.fromkeys(range(5), 0)
+    rng = random.Random(0)
+    picks = Counter[int]()
+    for _ in range(1000):
+        chosen = sched.choose(None, loads)
+        assert loads[chosen] == min(loads.values())
+        loads[chosen] += 1
+        picks[chosen] += 1
+        if rng.random() < 0.5:
+            busy = [i for i, load in loads.items() if load]
+            loads[rng.choice(busy)] -= 1
+    # Acks land anywhere, yet every instance gets its share.
+    assert all(150 <= count <= 250 for count in picks.values())
+
+
+# --- hash -------------------------------------------------------------------------------
+
+
+def test_hash_spread() -> None:
+    sched = make(Hash, range(4))
+    counts = Counter(assignment(sched, random_keys(10_000)))
+    assert set(counts) == {0, 1, 2, 3}
+    for count in counts.values():
+        assert 0.85 * 2500 <= count <= 1.15 * 2500
+
+
+def test_hash_is_stable_and_order_independent() -> None:
+    keys = random_keys(200)
+    a = make(Hash, [0, 1, 2, 3])
+    b = make(Hash, [3, 1, 0, 2])
+    assert assignment(a, keys) == assignment(b, keys)
+    # Pinned values: CRC-32 is the same in every process and on every machine, unlike
+    # Python's salted hash().
+    assert [a.choose(k, {}) for k in (b"", b"request-1", b"a")] == [0, 1, 3]
+
+
+def test_hash_without_key_is_round_robin() -> None:
+    sched = make(Hash, range(3))
+    assert [sched.choose(None, {}) for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+# --- consistent-hash --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 8])
+def test_consistent_hash_adding_moves_about_one_share(n: int) -> None:
+    keys = random_keys(10_000, seed=n)
+    sched = make(ConsistentHash, range(n))
+    before = assignment(sched, keys)
+    sched.add_instance(n)
+    after = assignment(sched, keys)
+    moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+    assert 0.5 / (n + 1) <= len(moved) / len(keys) <= 1.6 / (n + 1)
+    assert {a for _, a in moved} == {n}
+
+
+@pytest.mark.parametrize("victim", [0, 2, 4])
+def test_consistent_hash_removing_moves_only_its_keys(victim: int) -> None:
+    keys = random_keys(10_000)
+    sched = make(ConsistentHash, range(5))
+    before = assignment(sched, keys)
+    sched.remove_instance(victim)
+    after = assignment(sched, keys)
+    for b, a in zip(before, after, strict=True):
+        if b == victim:
+            assert a != victim
+        else:
+            assert a == b
+    # Putting it back restores the original mapping exactly.
+    sched.add_instance(victim)
+    assert assignment(sched, keys) == before
+
+
+def test_consistent_hash_depends_only_on_the_set_of_instances() -> None:
+    keys = random_keys(500)
+    a = make(ConsistentHash, [0, 1, 2, 3])
+    b = make(ConsistentHash, [9, 3, 1, 0, 2])
+    b.remove_instance(9)
+    assert assignment(a, keys) == assignment(b, keys)
+
+
+def test_consistent_hash_spread_and_vnodes() -> None:
+    counts = Counter(assignment(make(ConsistentHash, range(4)), random_keys(10_000)))
+    assert all(1500 <= c <= 3500 for c in counts.values()) and len(counts) == 4
+    assert make(ConsistentHash, range(4), vnodes=1).options["vnodes"] == 1
+    with pytest.raises(PluginError, match="vnodes"):
+        ConsistentHash(vnodes=0)
+
+
+def test_consistent_hash_without_key_is_least_outstanding() -> None:
+    sched = make(ConsistentHash, range(3))
+    assert sched.choose(None, {0: 4, 1: 1, 2: 3}) == 1
+
+
+# --- prompt-sticky ----------------------------------------------------------------------
+
+
+def bound(loads: dict[int, int], c: float = 1.25) -> int:
+    return math.ceil(c * (sum(loads.values()) + 1) / len(loads))
+
+
+def test_prompt_sticky_follows_the_ring_while_balanced() -> None:
+    keys = random_keys(2000)
+    ring = make(ConsistentHash, range(4))
+    sched = make(PromptSticky, range(4))
+    # With equal loads nobody is at the bound: exactly consistent hashing.
+    for load in (0, 3):
+        loads = dict.fromkeys(range(4), load)
+        assert [sched.choose(k, loads) for k in keys] == [ring.choose(k, loads) for k in keys]
+
+
+def test_prompt_sticky_same_key_sticks() -> None:
+    sched = make(PromptSticky, range(4))
+    home = sched.choose(b"prompt-A", dict.fromkeys(range(4), 0))
+    rng = random.Random(3)
+    for _ in range(100):
+        # Requests of one prompt come and go over a balanced background load: each one
+        # goes to the same instance (prefix-cache hits).
+        loads = dict.fromkeys(range(4), rng.randrange(20))
+        assert sched.choose(b"prompt-A", loads) == home
+        # A second request while the first is in flight too, if still under the bound.
+        loads[home] += 1
+        if loads[home] + 1 <= bound(loads):
+            assert sched.choose(b"prompt-A", loads) == home
+
+
+def test_prompt_sticky_hot_key_spills_and_returns() -> None:
+    sched = make(PromptSticky, range(4))
+    loads = dict.fromkeys(range(4), 0)
+    home = sched.choose(b"hot", loads)
+    picks = []
+    for _ in range(100):
+        limit = bound(loads)
+        i = sched.choose(b"hot", loads)
+        assert loads[i] + 1 <= limit
+        loads[i] += 1
+        picks.append(i)
+    # One hot prompt does not overload its home: no three instances may hold 100 frames
+    # under the bound (32), so the load spread to all four...
+    assert picks[0] == home
+    assert set(picks) == set(range(4))
+    # ...and it comes home once the home drains.
+    loads = {i: (0 if i == home else 10) for i in range(4)}
+    assert sched.choose(b"hot", loads) == home
+
+
+def test_loads_of_removed_instances_are_ignored() -> None:
+    # The runtime may still count frames on a draining instance it removed from the policy.
+    for cls in ALL:
+        sched = make(cls, range(4))
+        sched.remove_instance(2)
+        loads = {0: 3, 1: 3, 2: 0, 3: 3}
+        assert {sched.choose(k, loads) for k in (None, b"p", b"q", b"r")} <= {0, 1, 3}
+    sched = make(PromptSticky, range(3))
+    home = sched.choose(b"p", dict.fromkeys(range(3), 0))
+    # Counting the removed instance's 100 frames would raise the bound to 46 and let the
+    # home instance keep the prompt; over the three live instances it is 4.
+    loads = {i: (4 if i == home else 2) for i in range(3)} | {99: 100}
+    assert sched.choose(b"p", loads) != home
+
+
+def test_prompt_sticky_without_key_is_least_outstanding() -> None:
+    sched = make(PromptSticky, range(3))
+    assert sched.choose(None, {0: 4, 1: 1, 2: 3}) == 1
+
+
+def test_prompt_sticky_options() -> None:
+    assert PromptSticky().options == {"vnodes": 100, "load_factor": 1.25}
+    assert PromptSticky(load_factor=2).options["load_factor"] == 2
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(PluginError, match="load_factor"):
+            PromptSticky(load_factor=bad)
+    with pytest.raises(PluginError, match=r"load_factor.*must be float"):
+        PromptSticky(load_factor="1.5")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    c=st.sampled_from([1.0, 1.1, 1.25, 2.0]),
+    vnodes=st.sampled_from([1, 5, 100]),
+    ops=st.lists(
+        st.one_of(
+            # choose with one of a few prompt keys (key 0 hot: it is most of the draws)
+            st.tuples(st.just("choose"), st.sampled_from([0, 0, 0, 0, 1, 2, 3, None])),
+            # acknowledge one outstanding frame of the instance at this position
+            st.tuples(st.just("ack"), st.integers(0, 5)),
+        ),
+        max_size=300,
+    ),
+)
+def test_prompt_sticky_never_exceeds_bound(
+    n: int, c: float, vnodes: int, ops: list[tuple[str, int | None]]
+) -> None:
+    sched = make(PromptSticky, range(n), load_factor=c, vnodes=vnodes)
+    loads = dict.fromkeys(range(n), 0)
+    for op, arg in ops:
+        if op == "choose":
+            key = None if arg is None else b"prompt-%d" % arg
+            limit = bound(loads, c)
+            chosen = sched.choose(key, loads)
+            assert loads[chosen] + 1 <= limit
+            loads[chosen] += 1
+        else:
+            assert arg is not None
+            busy = [i for i in range(n) if loads[i]]
+            if busy:
+                loads[busy[arg % len(busy)]] -= 1
+
+
+# --- options ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_unknown_option_names_it_and_the_allowed(cls: type[Scheduler]) -> None:
+    with pytest.raises(PluginError) as info:
+        cls(bogus=1)
+    message = str(info.value)
+    assert "'bogus'" in message and cls.name in message
+    for allowed in cls.option_defaults:
+        assert allowed in message
+    if not cls.option_defaults:
+        assert "(none)" in message
+
+
+def test_option_types_are_checked() -> None:
+    with pytest.raises(PluginError, match="'vnodes' must be int"):
+        ConsistentHash(vnodes=1.5)
+    with pytest.raises(PluginError, match="'vnodes' must be int"):
+        ConsistentHash(vnodes=True)
+
+
+def test_repr_names_options_and_instances() -> None:
+    assert repr(make(ConsistentHash, [2, 1], vnodes=7)) == (
+        "ConsistentHash(vnodes=7, instances=(1, 2))"
+    )
+
+
+# --- loading through entry points (hermetic: the entry points are faked) --------------
+
+
+class FakeEntryPoint:
+    """Stands in for importlib.metadata.EntryPoint: name, value, group and load()."""
+
+    def __init__(self, name: str, target: object, value: str | None = None) -> None:
+        self.name = name
+        self.value = value or f"fake_module:{name}"
+        self.group = ENTRY_POINT_GROUP
+        self._target = target
+
+    def load(self) -> object:
+        if isinstance(self._target, BaseException):
+            raise self._target
+        return self._target
+
+
+class Custom(Scheduler):
+    name = "custom"
+    option_defaults = {"weight": 1.0}  # noqa: RUF012 (a plugin may write it plainly)
+
+    def choose(self, key: bytes | None, loads: Any) -> int:
+        return self.instances[-1]
+
+
+class NeedsArgument(Scheduler):
+    name = "needs-argument"
+
+    def __init__(self, required: int, **options: Any) -> None:
+        super().__init__(**options)
+
+    def choose(self, key: bytes | None, loads: Any) -> int:
+        return self.instances[0]
+
+
+@pytest.fixture
+def fake_entry_points(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    def install(*eps: FakeEntryPoint) -> None:
+        def entry_points(**params: Any) -> list[FakeEntryPoint]:
+            assert params == {"group": ENTRY_POINT_GROUP}
+            return list(eps)
+
+        monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+    return install
+
+
+def test_load_registered_fake(fake_entry_points: Callable[..., None]) -> None:
+    fake_entry_points(FakeEntryPoint("custom", Custom), FakeEntryPoint("hash", Hash))
+    assert available_schedulers() == ["custom", "hash"]
+    sched = load_scheduler("custom", weight=2)
+    assert isinstance(sched, Custom)
+    assert sched.options == {"weight": 2}
+    sched.add_instance(1)
+    sched.add_instance(4)
+    assert sched.choose(None, {1: 0, 4: 0}) == 4
+    assert isinstance(load_scheduler("hash"), Hash)
+
+
+def test_unknown_name_lists_available(fake_entry_points: Callable[..., None]) -> None:
+    fake_entry_points(FakeEntryPoint("round-robin", RoundRobin), FakeEntryPoint("b", Custom))
+    with pytest.raises(UnknownPluginError) as info:
+        load_scheduler("nope")
+    assert info.value.name == "nope"
+    assert info.value.group == ENTRY_POINT_GROUP
+    assert info.value.available == ["b", "round-robin"]
+    assert "b, round-robin" in str(info.value)
+
+
+def test_nothing_registered(fake_entry_points: Callable[..., None]) -> None:
+    fake_entry_points()
+    assert available_schedulers() == []
+    with pytest.raises(UnknownPluginError, match=r"\(none\)"):
+        load_scheduler("round-robin")
+
+
+def test_broken_plugin_is_chained(fake_entry_points: Callable[..., None]) -> None:
+    cause = ImportError("No module named 'numpyy'")
+    fake_entry_points(FakeEntryPoint("broken", cause, value="broken_pkg:Policy"))
+    with pytest.raises(PluginError) as info:
+        load_scheduler("broken")
+    assert not isinstance(info.value, UnknownPluginError)
+    assert info.value.__cause__ is cause
+    assert info.value.name == "broken"
+    assert "broken_pkg:Policy" in str(info.value) and "numpyy" in str(info.value)
+
+
+@pytest.mark.parametrize("target", [object, RoundRobin(), len, "round-robin", Scheduler])
+def test_non_scheduler_is_rejected(fake_entry_points: Callable[..., None], target: object) -> None:
+    fake_entry_points(FakeEntryPoint("odd", target))
+    with pytest.raises(PluginError, match="odd") as info:
+        load_scheduler("odd")
+    # The abstract base itself passes the subclass check and fails on creation.
+    if target is Scheduler:
+        assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_plugin_constructor_failure_is_chained(fake_entry_points: Callable[..., None]) -> None:
+    fake_entry_points(FakeEntryPoint("needs-argument", NeedsArgument))
+    with pytest.raises(PluginError, match="needs-argument") as info:
+        load_scheduler("needs-argument")
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_unknown_option_through_loader(fake_entry_points: Callable[..., None]) -> None:
+    fake_entry_points(FakeEntryPoint("prompt-sticky", PromptSticky))
+    with pytest.raises(PluginError) as info:
+        load_scheduler("prompt-sticky", load_facter=1.5)
+    assert str(info.value) == (
+        "alto.schedulers plugin 'prompt-sticky': unknown option 'load_facter'; "
+        "allowed: load_factor, vnodes"
+    )
+
+
+def test_same_name_twice(fake_entry_points: Callable[..., None]) -> None:
+    # The same target seen twice (one distribution on two paths) is harmless...
+    fake_entry_points(
+        FakeEntryPoint("rr", RoundRobin, value="a:RoundRobin"),
+        FakeEntryPoint("rr", RoundRobin, value="a:RoundRobin"),
+    )
+    assert isinstance(load_scheduler("rr"), RoundRobin)
+    assert available_schedulers() == ["rr"]
+    # ...two different ones are ambiguous.
+    fake_entry_points(
+        FakeEntryPoint("rr", RoundRobin, value="a:RoundRobin"),
+        FakeEntryPoint("rr", Hash, value="b:Hash"),
+    )
+    with pytest.raises(PluginError, match="more than once"):
+        load_scheduler("rr")
+
+
+def test_real_entry_point_objects(fake_entry_points: Callable[..., None]) -> None:
+    # importlib's own EntryPoint, pointing at the built-ins: loading resolves the target.
+    fake_entry_points(
+        importlib.metadata.EntryPoint(
+            "least-outstanding", "alto.dataplane._schedulers:LeastOutstanding", ENTRY_POINT_GROUP
+        ),
+        importlib.metadata.EntryPoint("gone", "alto_no_such_module:X", ENTRY_POINT_GROUP),
+    )
+    assert isinstance(load_scheduler("least-outstanding"), LeastOutstanding)
+    with pytest.raises(PluginError, match="gone") as info:
+        load_scheduler("gone")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+# --- a real third-party package, installed with pip -------------------------------------
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_example_plugin_installs_and_loads() -> None:
+    # Leaves the environment as it found it: uninstalls only what this test installed.
+    was_installed = _installed("alto-example-scheduler")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run(
+        [
+            *pip,
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-e",
+            str(PLUGIN_DIR),
+        ],
+        check=True,
+        timeout=120,
+    )
+    try:
+        script = textwrap.dedent(
+            """
+            from alto.dataplane._schedulers import available_schedulers, load_scheduler
+            assert "power-of-two" in available_schedulers(), available_schedulers()
+            sched = load_scheduler("power-of-two", seed=7)
+            assert type(sched).__module__ == "alto_example_scheduler", type(sched)
+            sched.add_instance(1)
+            sched.add_instance(2)
+            picks = {sched.choose(None, {1: 5, 2: 0}) for _ in range(50)}
+            assert picks == {2}, picks
+            print("ok")
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "ok"
+    finally:
+        if not was_installed:
+            subprocess.run(
+                [*pip, "uninstall", "--quiet", "--yes", "alto-example-scheduler"],
+                check=True,
+                timeout=120,
+            )
