@@ -70,11 +70,20 @@ class GroupAggregator(Generic[S]):
 
 
 class Sum(GroupAggregator[tuple[float, int]]):
-    """Sum ``field`` over the group; emit ``output_field`` (and ``count_field`` if given)."""
+    """Sum ``field`` over the group; emit ``output_field`` (and ``count_field`` if given,
+    and the emitting instance's id in ``instance_field`` if given)."""
 
-    def __init__(self, field: str, output: str, output_field: str = "total", count_field: str | None = None) -> None:
+    def __init__(
+        self,
+        field: str,
+        output: str,
+        output_field: str = "total",
+        count_field: str | None = None,
+        instance_field: str | None = None,
+    ) -> None:
         super().__init__(output)
         self.field, self.output_field, self.count_field = field, output_field, count_field
+        self.instance_field = instance_field
 
     def initial(self) -> tuple[float, int]:
         return (0, 0)
@@ -86,6 +95,8 @@ class Sum(GroupAggregator[tuple[float, int]]):
         fields: dict[str, Any] = {self.output_field: state[0]}
         if self.count_field:
             fields[self.count_field] = state[1]
+        if self.instance_field:
+            fields[self.instance_field] = ctx.instance
         await ctx.write(self.output, ctx.message(self.output, **fields))
 
 

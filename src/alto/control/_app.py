@@ -14,7 +14,7 @@ Endpoints (``GET /openapi.json`` describes them):
 - ``POST /v1/pipelines/{name}/requests``: request ingress, results streamed back as SSE
   (or collected into one JSON answer with ``?stream=false``).
 - ``GET /metrics``: Prometheus text format.
-- ``GET /``: the dashboard (static files from ``dashboard/``).
+- ``GET /``: the dashboard (static files from ``dashboard/``, assets under ``/dashboard/``).
 
 Mutating endpoints need ``Authorization: Bearer <token>`` when a token is configured.
 Every refusal is a 4xx with a JSON body ``{"error": message}``; bad input never becomes a
@@ -506,7 +506,9 @@ def create_app(
     async def index() -> Response:
         return await dashboard_file("index.html")
 
-    @app.get("/<path:filename>")
+    # Assets live under /dashboard/ so that no catch-all route turns a POST to an unknown
+    # path into a 405.
+    @app.get("/dashboard/<path:filename>")
     async def dashboard_file(filename: str) -> Response:
         if not static_dir.is_dir():
             raise _Refusal(404, f"no dashboard at {static_dir}")

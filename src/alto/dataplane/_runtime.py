@@ -425,7 +425,7 @@ class Runtime:
         st.loads[inst.id] = inst.depth
         st.scheduler.add_instance(inst.id)
         log.info("instance %s/%d ready (pid %s)", st.name, inst.id, inst.pid)
-        reason = "runtime shutting down"
+        reason = ""  # stays empty when the runtime itself is cancelled (shutting down)
         try:
             await self._read_loop(conn, inst, rest)
             reason = "connection closed"
@@ -435,6 +435,9 @@ class Runtime:
         except OSError as exc:
             reason = f"connection lost: {exc}"
         finally:
+            if not reason:
+                inst.state = InstanceState.DRAINING  # a quiet stop: the whole runtime is ending
+                reason = "the runtime is shutting down"
             if inst.state not in (InstanceState.STOPPED, InstanceState.CRASHED):
                 self.instance_lost(inst, reason)
 
@@ -715,7 +718,7 @@ class Runtime:
     def instance_lost(self, inst: _Instance, reason: str) -> None:
         """An instance exited or its connection broke: fail its work (invariant 4)."""
         st = inst.stage
-        expected = inst.state in (InstanceState.DRAINING,) and inst.depth == 0 and inst.open_groups == 0
+        expected = inst.state == InstanceState.DRAINING
         inst.state = InstanceState.STOPPED if expected else InstanceState.CRASHED
         if not expected:
             inst.last_error = reason

@@ -29,6 +29,6 @@ class Generate:
 
 
 async def square(msg: Item, ctx: Context) -> None:
-    sq = Square(value=msg.value * msg.value)
+    sq = Square(value=msg.value * msg.value, instance=ctx.instance)
     await ctx.write("squares", sq)
     await ctx.write("partials", sq)

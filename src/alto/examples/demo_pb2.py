@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61lto/examples/demo.proto\x12\x12\x61lto.examples.demo\"\x17\n\x06Number\x12\r\n\x05value\x18\x01 \x01(\x03\"\x15\n\x04Item\x12\r\n\x05value\x18\x01 \x01(\x03\"\x17\n\x06Square\x12\r\n\x05value\x18\x01 \x01(\x03\"%\n\x05Total\x12\r\n\x05total\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61lto/examples/demo.proto\x12\x12\x61lto.examples.demo\"\x17\n\x06Number\x12\r\n\x05value\x18\x01 \x01(\x03\"\x15\n\x04Item\x12\r\n\x05value\x18\x01 \x01(\x03\")\n\x06Square\x12\r\n\x05value\x18\x01 \x01(\x03\x12\x10\n\x08instance\x18\x02 \x01(\x03\"7\n\x05Total\x12\r\n\x05total\x18\x01 \x01(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08instance\x18\x03 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEM']._serialized_start=73
   _globals['_ITEM']._serialized_end=94
   _globals['_SQUARE']._serialized_start=96
-  _globals['_SQUARE']._serialized_end=119
-  _globals['_TOTAL']._serialized_start=121
-  _globals['_TOTAL']._serialized_end=158
+  _globals['_SQUARE']._serialized_end=137
+  _globals['_TOTAL']._serialized_start=139
+  _globals['_TOTAL']._serialized_end=194
 # @@protoc_insertion_point(module_scope)

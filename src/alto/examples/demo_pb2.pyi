@@ -17,15 +17,19 @@ class Item(_message.Message):
     def __init__(self, value: _Optional[int] = ...) -> None: ...
 
 class Square(_message.Message):
-    __slots__ = ("value",)
+    __slots__ = ("value", "instance")
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     value: int
-    def __init__(self, value: _Optional[int] = ...) -> None: ...
+    instance: int
+    def __init__(self, value: _Optional[int] = ..., instance: _Optional[int] = ...) -> None: ...
 
 class Total(_message.Message):
-    __slots__ = ("total", "count")
+    __slots__ = ("total", "count", "instance")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     total: int
     count: int
-    def __init__(self, total: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    instance: int
+    def __init__(self, total: _Optional[int] = ..., count: _Optional[int] = ..., instance: _Optional[int] = ...) -> None: ...
