@@ -1,0 +1,403 @@
+"""Relay microbenchmark: frames/s and added latency of the alto runtime on this machine.
+
+Measures side by side, in one run:
+
+* ``direct``: a producer process streams 100-byte-payload frames straight to a consumer
+  process over one UNIX socket; the consumer walks every frame header (the physical limit
+  of this machine for this frame format);
+* ``relay``: the same producer registered as a fan-out stage instance, the runtime routing
+  every frame by hashing its key path into a stateful stage of 2 consumer instances
+  (aggregation level 1, the paper's ``hash`` policy), consumers acknowledging every frame
+  (credits), the runtime counting live entries per request and closing groups: the full
+  relay, not a toy;
+* latency at a fixed rate (default 10k frames/s): one-way producer -> consumer latency
+  direct and through the runtime; the difference is the hop's added latency.
+
+The producer and consumers are lean raw-socket speakers of the alto wire protocol, so the
+runtime is what is measured (the stage SDK is not in the loop).
+
+    python benchmarks/relay_bench.py            # full run, prints a table
+    python benchmarks/relay_bench.py --quick    # smaller, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEADER = struct.Struct("<IBBBBHQ")
+U32 = struct.Struct("<I")
+DATA, ACK, CLOSE, GROUP_CLOSED, DONE, ERROR, HELLO, WELCOME, SUBMIT = 1, 2, 3, 4, 5, 6, 7, 8, 9
+ACCEPTED, STOP = 12, 13
+PAYLOAD = 100
+TOKEN = "bench-token"
+
+PIPELINE = """
+[pipeline]
+name = "relaybench"
+input = "requests"
+outputs = ["done"]
+[queues.requests]
+type = "x:Request"
+[queues.items]
+type = "x:Item"
+[queues.done]
+type = "x:Done"
+[stages.producer]
+entry = "x:producer"
+inputs = ["requests"]
+outputs = ["items"]
+fanout = true
+[stages.consumer]
+entry = "x:consumer"
+inputs = ["items"]
+outputs = ["done"]
+stateful = true
+aggregate_level = 1
+scheduler = "hash"
+"""
+
+
+def frame(kind: int, path: tuple[int, ...], queue: bytes = b"", payload: bytes = b"", flags: int = 0) -> bytes:
+    body = struct.pack(f"<{len(path)}Q", *path) + queue + payload
+    return struct.pack("<IBBBBH", 6 + len(body), kind, flags, len(queue), len(path), 0) + body
+
+
+def read_frames(sock: socket.socket, buf: bytearray, end: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Receive once; return (kind, offset, frame_end) of complete frames and the new end."""
+    n = sock.recv_into(memoryview(buf)[end:])
+    if n == 0:
+        raise EOFError
+    end += n
+    out = []
+    off = 0
+    while end - off >= 4:
+        size = U32.unpack_from(buf, off)[0]
+        if off + 4 + size > end:
+            break
+        out.append((buf[off + 4], off, off + 4 + size))
+        off += 4 + size
+    return out, end
+
+
+def hello(sock: socket.socket, body: dict[str, object]) -> dict[str, object]:
+    sock.sendall(frame(HELLO, (0,), payload=json.dumps(body).encode()))
+    buf = bytearray(1 << 16)
+    end = 0
+    while True:
+        frames, end = read_frames(sock, buf, end)
+        if frames:
+            k, off, fend = frames[0]
+            h = HEADER.unpack_from(buf, off)
+            payload = bytes(buf[off + 10 + 8 * h[4] + h[3] + h[5] : fend])
+            if k != WELCOME:
+                raise SystemExit(f"refused: {payload!r}")
+            return dict(json.loads(payload))
+
+
+def item_frames(rid: int, start: int, count: int, stamp: bool) -> bytes:
+    """``count`` DATA frames [rid, child] for queue 'items', each LAST (one-item children)."""
+    q = b"items"
+    size = 6 + 16 + len(q) + PAYLOAD
+    buf = bytearray((4 + size) * count)
+    fixed = struct.pack("<IBBBBH", size, DATA, 1, len(q), 2, 0)
+    pad = bytes(PAYLOAD)
+    off = 0
+    now = time.perf_counter_ns() if stamp else 0
+    for c in range(start, start + count):
+        buf[off : off + 10] = fixed
+        struct.pack_into("<QQ", buf, off + 10, rid, c)
+        buf[off + 26 : off + 31] = q
+        buf[off + 31 : off + 31 + PAYLOAD] = pad
+        if stamp:
+            struct.pack_into("<q", buf, off + 31, now)
+        off += 4 + size
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- roles (subprocesses)
+
+
+def role_runtime(sock_path: str, pipeline_path: str) -> None:
+    import trio
+
+    from alto._config import load_deployment, load_pipeline
+    from alto.dataplane import Runtime
+
+    pipeline = load_pipeline(pipeline_path)
+    deploy_path = Path(pipeline_path).with_name("deploy.toml")
+    deploy_path.write_text("[runtime]\ncredits = 4096\nbacklog_limit = 65536\nmax_inflight_requests = 4096\n")
+    rt = Runtime(pipeline, load_deployment(deploy_path, pipeline), token=TOKEN)
+
+    async def main() -> None:
+        lst = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await lst.bind(sock_path)
+        lst.listen(64)
+        await rt.serve([lst])
+
+    trio.run(main)
+
+
+def role_producer(addr: str, per_request: int, rate: float, direct: bool) -> None:
+    """Relay mode: a fan-out instance emitting ``per_request`` items per input.
+    Direct mode: connect to the consumer and send ``per_request`` items at once."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(addr)
+    stamp = rate > 0
+    if direct:
+        emit(s, 1, per_request, rate, stamp)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)
+        return
+    hello(s, {"token": TOKEN, "role": "instance", "stage": "producer", "instance": None})
+    buf = bytearray(1 << 18)
+    end = 0
+    while True:
+        try:
+            frames, end = read_frames(s, buf, end)
+        except EOFError:
+            return
+        last = 0
+        for k, off, fend in frames:
+            last = fend
+            if k == DATA:
+                rid = HEADER.unpack_from(buf, off)[6]
+                emit(s, rid, per_request, rate, stamp)
+                s.sendall(frame(ACK, (rid,)))
+            elif k == STOP:
+                return
+        buf[: end - last] = buf[last:end]
+        end -= last
+
+
+def emit(s: socket.socket, rid: int, count: int, rate: float, stamp: bool) -> None:
+    if rate <= 0:
+        chunk = 2000
+        for start in range(0, count, chunk):
+            s.sendall(item_frames(rid, start, min(chunk, count - start), False))
+        return
+    # paced: a batch per millisecond, the way an engine emits one decode step's tokens
+    per_tick = max(1, int(rate / 1000))
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < count:
+        n = min(per_tick, count - sent)
+        s.sendall(item_frames(rid, sent, n, stamp))
+        sent += n
+        delay = t0 + sent / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def role_consumer(addr: str, out_path: str, direct: bool, expect: int) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if direct:
+        lst = s
+        lst.bind(addr)
+        lst.listen(1)
+        Path(out_path + ".ready").write_text("1")
+        s, _ = lst.accept()
+    else:
+        s.connect(addr)
+        hello(s, {"token": TOKEN, "role": "instance", "stage": "consumer", "instance": None})
+    lat: list[int] = []
+    buf = bytearray(1 << 18)
+    end = 0
+    count = 0
+    t_first = t_last = 0.0
+    ack_fixed = struct.pack("<IBBBBH", 6 + 16, ACK, 0, 0, 2, 0)
+    while True:
+        try:
+            frames, end = read_frames(s, buf, end)
+        except EOFError:
+            break
+        now = time.perf_counter_ns()
+        acks = []
+        last = 0
+        for k, off, fend in frames:
+            last = fend
+            if k == DATA:
+                count += 1
+                if not t_first:
+                    t_first = time.perf_counter()
+                h = HEADER.unpack_from(buf, off)
+                p = off + 10 + 8 * h[4] + h[3] + h[5]
+                ts = struct.unpack_from("<q", buf, p)[0]
+                if ts:
+                    lat.append(now - ts)
+                if not direct:
+                    acks.append(ack_fixed + bytes(buf[off + 10 : off + 26]))
+            elif k == GROUP_CLOSED:
+                h = HEADER.unpack_from(buf, off)
+                acks.append(frame(ACK, struct.unpack_from(f"<{h[4]}Q", buf, off + 10)))
+            elif k == STOP:
+                end = 0
+                break
+        if acks:
+            s.sendall(b"".join(acks))
+        buf[: end - last] = buf[last:end]
+        end -= last
+        t_last = time.perf_counter()
+        if direct and count >= expect:
+            s.sendall(b"x")
+            break
+    Path(out_path).write_text(json.dumps({"count": count, "t_first": t_first, "t_last": t_last, "lat": lat}))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, *args])
+
+
+def wait_file(p: Path, timeout: float = 30) -> None:
+    t = time.monotonic() + timeout
+    while not p.exists():
+        if time.monotonic() > t:
+            raise SystemExit(f"timed out waiting for {p}")
+        time.sleep(0.01)
+
+
+def run_direct(tmp: Path, frames: int, rate: float) -> dict[str, object]:
+    addr = str(tmp / f"direct-{time.monotonic_ns()}.sock")
+    out = tmp / f"direct-{time.monotonic_ns()}.json"
+    cons = spawn("--role", "consumer", "--addr", addr, "--out", str(out), "--direct", "--expect", str(frames))
+    wait_file(Path(str(out) + ".ready"))
+    t0 = time.perf_counter()
+    prod = spawn("--role", "producer", "--addr", addr, "--per-request", str(frames), "--rate", str(rate), "--direct")
+    prod.wait(300)
+    cons.wait(300)
+    t1 = time.perf_counter()
+    res: dict[str, object] = json.loads(out.read_text())
+    res["wall"] = float(res["t_last"]) - float(res["t_first"])  # type: ignore[arg-type]
+    res["client_wall"] = t1 - t0
+    return res
+
+
+def run_relay(tmp: Path, requests: int, per_request: int, rate: float, window: int) -> dict[str, object]:
+    pipe = tmp / "pipeline.toml"
+    pipe.write_text(PIPELINE)
+    sock_path = str(tmp / f"rt-{time.monotonic_ns()}.sock")
+    rt = spawn("--role", "runtime", "--addr", sock_path, "--pipeline", str(pipe))
+    wait_file(Path(sock_path))
+    outs = [tmp / f"cons{i}-{time.monotonic_ns()}.json" for i in range(2)]
+    conss = [spawn("--role", "consumer", "--addr", sock_path, "--out", str(o)) for o in outs]
+    prod = spawn("--role", "producer", "--addr", sock_path, "--per-request", str(per_request), "--rate", str(rate))
+    time.sleep(1.5)  # let them register
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(sock_path)
+    hello(c, {"token": TOKEN, "role": "client"})
+    buf = bytearray(1 << 18)
+    end = 0
+    done = 0
+    sent = 0
+    t0 = time.perf_counter()
+    while done < requests:
+        while sent < requests and sent - done < window:
+            sent += 1
+            c.sendall(frame(SUBMIT, (sent,), b"requests", b"x"))
+        frames, end = read_frames(c, buf, end)
+        last = 0
+        for k, _off, fend in frames:
+            last = fend
+            if k == DONE:
+                done += 1
+            elif k == ERROR:
+                raise SystemExit("a request failed in the relay benchmark")
+        buf[: end - last] = buf[last:end]
+        end -= last
+    t1 = time.perf_counter()
+    c.close()
+    rt.terminate()  # the instances see EOF, write their numbers and exit
+    rt.wait(30)
+    for p in (prod, *conss):
+        p.wait(30)
+    lat: list[int] = []
+    count = 0
+    firsts, lasts = [], []
+    for o in outs:
+        r = json.loads(o.read_text())
+        lat += r["lat"]
+        count += r["count"]
+        if r["count"]:
+            firsts.append(r["t_first"])
+            lasts.append(r["t_last"])
+    return {"count": count, "wall": max(lasts) - min(firsts), "client_wall": t1 - t0, "lat": lat}
+
+
+def pct(xs: list[int], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1000.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--role")
+    ap.add_argument("--addr")
+    ap.add_argument("--out")
+    ap.add_argument("--pipeline")
+    ap.add_argument("--direct", action="store_true")
+    ap.add_argument("--expect", type=int, default=0)
+    ap.add_argument("--per-request", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--requests", type=int, default=0)
+    ap.add_argument("--latency-rate", type=float, default=10_000)
+    ap.add_argument("--latency-seconds", type=float, default=3.0)
+    a = ap.parse_args()
+    if a.role == "runtime":
+        return role_runtime(a.addr, a.pipeline)
+    if a.role == "producer":
+        return role_producer(a.addr, a.per_request, a.rate, a.direct)
+    if a.role == "consumer":
+        return role_consumer(a.addr, a.out, a.direct, a.expect)
+
+    requests = a.requests or (100 if a.quick else 600)
+    per_request = 1000
+    total = requests * per_request
+    lat_frames = int(a.latency_rate * (1.0 if a.quick else a.latency_seconds))
+    with tempfile.TemporaryDirectory(prefix="alto-bench-") as d:
+        tmp = Path(d)
+        direct = run_direct(tmp, total, 0)
+        relay = run_relay(tmp, requests, per_request, 0, window=64)
+        direct_lat = run_direct(tmp, lat_frames, a.latency_rate)
+        relay_lat = run_relay(tmp, 1, lat_frames, a.latency_rate, window=1)
+    d_fps = float(direct["count"]) / float(direct["wall"])  # type: ignore[arg-type]
+    r_fps = float(relay["count"]) / float(relay["wall"])  # type: ignore[arg-type]
+    dl: list[int] = direct_lat["lat"]  # type: ignore[assignment]
+    rl: list[int] = relay_lat["lat"]  # type: ignore[assignment]
+    print(f"alto relay benchmark ({os.cpu_count()} cores, {PAYLOAD}-byte payloads, frames of {4 + 6 + 16 + 5 + PAYLOAD} bytes)")
+    print()
+    print("| path | frames | seconds | frames/s | share of direct |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| direct, one UNIX socket | {direct['count']} | {float(direct['wall']):.2f} | {d_fps:,.0f} | 1.00 |")  # type: ignore[arg-type]
+    print(f"| through the runtime (hash on key path, credits, acks, group close) | {relay['count']} | {float(relay['wall']):.2f} | {r_fps:,.0f} | {r_fps / d_fps:.3f} (1/{d_fps / r_fps:.1f}) |")  # type: ignore[arg-type]
+    print()
+    print(f"One-way latency at {a.latency_rate:,.0f} frames/s (microseconds)")
+    print()
+    print("| path | frames | p50 | p99 |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| direct | {len(dl)} | {pct(dl, 0.5):.1f} | {pct(dl, 0.99):.1f} |")
+    print(f"| through the runtime | {len(rl)} | {pct(rl, 0.5):.1f} | {pct(rl, 0.99):.1f} |")
+    print(f"| added by the hop | | {pct(rl, 0.5) - pct(dl, 0.5):.1f} | {pct(rl, 0.99) - pct(dl, 0.99):.1f} |")
+    print()
+    ok_fps = r_fps >= 300_000
+    ok_ratio = r_fps >= d_fps / 8
+    ok_lat = pct(rl, 0.99) - pct(dl, 0.99) < 500
+    print(f"targets: >= 300k frames/s: {'met' if ok_fps else 'MISSED'}; >= 1/8 of direct: {'met' if ok_ratio else 'MISSED'}; "
+          f"added p99 < 500 us at {a.latency_rate:,.0f}/s: {'met' if ok_lat else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""The FacTool-inspired claim verification pipeline (configs/factool.toml)."""
+
+from ._stages import AnswerQuestion, EncodeQuery, ExtractClaims, GenerateQueries, Rerank, StreamingBM25
+
+__all__ = ["AnswerQuestion", "EncodeQuery", "ExtractClaims", "GenerateQueries", "Rerank", "StreamingBM25"]

@@ -1,0 +1,313 @@
+"""The stages of the FacTool-inspired claim verification pipeline (the paper's Figure 1).
+
+1. :class:`AnswerQuestion` (LM): answers a SQuAD question.
+2. :class:`ExtractClaims` (LM, fan-out): one child per claim, written the moment the
+   claim's line is complete (streaming) or after the whole generation (baseline).
+3. :class:`GenerateQueries` (LM, fan-out): one child stream per search query; each LM
+   token of the query is written into it as it is generated (streaming), or all tokens
+   after the whole generation (baseline).
+4. :class:`StreamingBM25` (stateful, level 3 = one group per query): scores the query
+   token by token and emits the top candidates when the runtime closes the query's group.
+5. :class:`EncodeQuery`: the ColBERT query encoder (token embeddings).
+6. :class:`Rerank`: late-interaction MaxSim over the candidates' token embeddings.
+
+``stream = false`` on the LM stages gives the paper's baseline ("Compound AI Systems
+Today"): the same stages, but nothing leaves an LM stage before its generation ends.
+
+LM stages take ``engine`` (an ``alto.engines`` entry point name: ``llamacpp``,
+``openai``, ``emulated``, ``vllm``, ``sglang``) and ``engine_options``. The prompts are
+few-shot ``Q:``/``A:`` style with stop sequences, because the default model (Gemma 3
+270M) is a base model, not a chat model.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+
+from .._stage import Context
+from ..engines import Engine, GenerationParams, load_engine
+from .factool_pb2 import Answer, Candidates, Claim, EncodedQuery, Evidence, Passage, Question, QueryToken
+
+QA_PROMPT = """Answer each question with one or two factual sentences.
+
+Q: Which river flows through Paris?
+A: The Seine flows through Paris. It empties into the English Channel.
+
+Q: Who wrote the novel Pride and Prejudice?
+A: Jane Austen wrote Pride and Prejudice. It was published in 1813.
+
+Q: {question}
+A:"""
+
+CLAIMS_PROMPT = """Split the text into short factual claims, one per line.
+
+Text: The Seine flows through Paris. It empties into the English Channel.
+Claims:
+- The Seine flows through Paris.
+- The Seine empties into the English Channel.
+
+Text: Jane Austen wrote Pride and Prejudice. It was published in 1813.
+Claims:
+- Jane Austen wrote Pride and Prejudice.
+- Pride and Prejudice was published in 1813.
+
+Text: {text}
+Claims:
+-"""
+
+QUERIES_PROMPT = """Write search queries to verify the claim, one per line.
+
+Claim: The Seine empties into the English Channel.
+Queries:
+- Seine river mouth English Channel
+- where does the Seine end
+
+Claim: Pride and Prejudice was published in 1813.
+Queries:
+- Pride and Prejudice publication year
+- Jane Austen 1813 novel
+
+Claim: {claim}
+Queries:
+-"""
+
+# Prompt keys: what prompt-sticky routing keys on (the template, shared by all requests).
+QA_KEY, CLAIMS_KEY, QUERIES_KEY = "factool-qa-v1", "factool-claims-v1", "factool-queries-v1"
+
+
+class _LMStage:
+    """Loads an engine in ``setup`` and closes it in ``aclose``."""
+
+    def __init__(self, engine: str = "llamacpp", engine_options: dict[str, Any] | None = None, max_tokens: int = 64, stream: bool = True) -> None:
+        self.engine_name = engine
+        self.engine_options = dict(engine_options or {})
+        self.max_tokens = max_tokens
+        self.stream = stream
+        self.engine: Engine | None = None
+
+    async def setup(self) -> None:
+        self.engine = await anyio.to_thread.run_sync(lambda: load_engine(self.engine_name, **self.engine_options))
+
+    async def aclose(self) -> None:
+        if self.engine is not None:
+            await self.engine.aclose()
+
+    def _gen(self, prompt: str, stop: list[str], key: str) -> Any:
+        assert self.engine is not None, "setup() did not run"
+        return self.engine.generate(prompt, GenerationParams(max_tokens=self.max_tokens, stop=tuple(stop)), prompt_key=key)
+
+
+def _lines(text: str) -> list[str]:
+    """Items of a '- item' list as the LM wrote it (the prompt ends with the first '-')."""
+    out = []
+    for line in text.split("\n"):
+        item = line.strip().lstrip("-*• ").strip()
+        if item:
+            out.append(item)
+    return out
+
+
+class AnswerQuestion(_LMStage):
+    async def process(self, q: Question, ctx: Context) -> None:
+        text = ""
+        async with aclosing(self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY)) as gen:
+            async for piece in gen:
+                text += piece
+        answer = Answer(question_id=q.id, question=q.question, text=text.strip())
+        await ctx.write("answers", answer, prompt_key=CLAIMS_KEY)
+        await ctx.write("answer_out", answer)
+
+
+class ExtractClaims(_LMStage):
+    def __init__(self, max_claims: int = 4, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.max_claims = max_claims
+
+    async def process(self, a: Answer, ctx: Context) -> None:
+        prompt = CLAIMS_PROMPT.format(text=a.text or "(no answer)")
+        seen: set[str] = set()
+        emitted = 0
+
+        async def emit(line: str) -> bool:
+            nonlocal emitted
+            item = line.strip().lstrip("-*• ").strip()
+            if not item or item in seen or emitted >= self.max_claims:
+                return emitted < self.max_claims
+            seen.add(item)
+            emitted += 1
+            claim = Claim(question_id=a.question_id, text=item)
+            async with ctx.child() as child:  # one key-path id for both copies of the claim
+                await child.write("claims", claim, prompt_key=QUERIES_KEY)
+                await child.write("claims_out", claim)
+            return emitted < self.max_claims
+
+        pending = ""
+        full = ""
+        async with aclosing(self._gen(prompt, ["\n\n", "Text:"], CLAIMS_KEY)) as gen:
+            async for piece in gen:
+                full += piece
+                if not self.stream:
+                    continue
+                pending += piece
+                while "\n" in pending:
+                    line, pending = pending.split("\n", 1)
+                    if not await emit(line):
+                        return  # enough claims: leaving aclosing() stops the LM
+        for line in (_lines(pending) if self.stream else _lines(full)):
+            if not await emit(line):
+                return
+
+
+class GenerateQueries(_LMStage):
+    def __init__(self, max_queries: int = 2, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.max_queries = max_queries
+
+    async def process(self, c: Claim, ctx: Context) -> None:
+        prompt = QUERIES_PROMPT.format(claim=c.text)
+        if not self.stream:
+            pieces: list[str] = []
+            async with aclosing(self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY)) as gen:
+                async for piece in gen:
+                    pieces.append(piece)
+            await self._write_queries(c, ctx, _as_async(pieces))
+            return
+        await self._write_queries(c, ctx, self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY))
+
+    async def _write_queries(self, c: Claim, ctx: Context, pieces: Any) -> None:
+        """One child stream per query line; every token of the line goes into it."""
+        child = None
+        count = 0
+        try:
+            async for piece in pieces:
+                parts = piece.split("\n")
+                for i, part in enumerate(parts):
+                    if i > 0 and child is not None:  # a newline ends the query
+                        await child.aclose()
+                        child = None
+                        if count >= self.max_queries:
+                            return
+                    text = part if child is not None else part.lstrip().lstrip("-*• ")
+                    if not text.strip() and child is None:
+                        continue
+                    if child is None:
+                        child = ctx.child()
+                        count += 1
+                    await child.write("query_tokens", QueryToken(claim=c.text, text=text))
+        finally:
+            if child is not None:
+                await child.aclose()
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _as_async(items: list[str]) -> Any:
+    for x in items:
+        yield x
+
+
+class StreamingBM25:
+    """Stage 4: per query (aggregation group), sum per-term BM25 score vectors as the
+    query's tokens arrive; emit the top ``k`` candidates when the group closes."""
+
+    def __init__(self, corpus: str = "dev", k: int = 10, index_dir: str | None = None) -> None:
+        self.corpus, self.k, self.index_dir = corpus, k, index_dir
+        self.queries: dict[tuple[int, ...], Any] = {}
+        self.texts: dict[tuple[int, ...], tuple[str, str]] = {}
+
+    async def setup(self) -> None:
+        from ..retrieval import BM25Index, load_passages
+
+        def build() -> tuple[Any, Any]:
+            passages = load_passages(corpus=self.corpus)
+            if self.index_dir:
+                from pathlib import Path
+
+                d = Path(self.index_dir)
+                if (d / "alto_bm25.json").exists():
+                    return BM25Index.load(d), passages
+                idx = BM25Index.from_passages(passages)
+                idx.save(d)
+                return idx, passages
+            return BM25Index.from_passages(passages), passages
+
+        self.index, self.passages = await anyio.to_thread.run_sync(build)
+
+    async def process(self, tok: QueryToken, ctx: Context) -> None:
+        g = ctx.group
+        q = self.queries.get(g)
+        if q is None:
+            q = self.queries[g] = self.index.stream()
+            self.texts[g] = (tok.claim, "")
+        q.add_token(tok.text)
+        claim, text = self.texts[g]
+        self.texts[g] = (claim, text + tok.text)
+
+    async def group_closed(self, ctx: Context) -> None:
+        q = self.queries.pop(ctx.key_path, None)
+        claim, text = self.texts.pop(ctx.key_path, ("", ""))
+        if q is None:
+            return
+        q.finish()
+        out = Candidates(claim=claim, query=text.strip())
+        for i, score in q.top_k(self.k):
+            p = self.passages[i]
+            out.passages.append(Passage(id=p.id, title=p.title, text=p.text, score=score))
+        await ctx.write("candidates", out)
+
+
+def _load_reranker(model_path: str | None, threads: int) -> Any:
+    """Load MiniLM (or a configured checkpoint) with ``threads`` torch threads: several
+    stage processes share few cores, and oversubscribed torch threads only contend."""
+    import torch
+
+    from ..retrieval import MaxSimReranker
+
+    torch.set_num_threads(threads)
+    return MaxSimReranker(model_path)
+
+
+class EncodeQuery:
+    """Stage 5: the ColBERT query encoder (MiniLM token embeddings by default)."""
+
+    def __init__(self, model_path: str | None = None, threads: int = 1) -> None:
+        self.model_path, self.threads = model_path, threads
+
+    async def setup(self) -> None:
+        self.model = await anyio.to_thread.run_sync(_load_reranker, self.model_path, self.threads)
+
+    async def process(self, c: Candidates, ctx: Context) -> None:
+        from ..retrieval import to_bytes
+
+        emb = await anyio.to_thread.run_sync(self.model.encode_query, c.query or c.claim)
+        await ctx.write("encoded", EncodedQuery(claim=c.claim, query=c.query, embedding=to_bytes(emb), passages=c.passages))
+
+
+class Rerank:
+    """Stage 6: MaxSim over the candidates' token embeddings; emits the best ``k``."""
+
+    def __init__(self, k: int = 3, model_path: str | None = None, threads: int = 1) -> None:
+        self.k, self.model_path, self.threads = k, model_path, threads
+
+    async def setup(self) -> None:
+        self.model = await anyio.to_thread.run_sync(_load_reranker, self.model_path, self.threads)
+
+    async def process(self, e: EncodedQuery, ctx: Context) -> None:
+        from ..retrieval import from_bytes
+
+        passages = list(e.passages)
+        out = Evidence(claim=e.claim, query=e.query)
+        if passages:
+            q = from_bytes(e.embedding)
+            ranked = await anyio.to_thread.run_sync(
+                lambda: self.model.rerank(q, [(p.id, p.text) for p in passages], self.k)
+            )
+            by_id = {p.id: p for p in passages}
+            for pid, score in ranked:
+                p = by_id[pid]
+                out.passages.append(Passage(id=p.id, title=p.title, text=p.text, score=score))
+        await ctx.write("evidence", out)
