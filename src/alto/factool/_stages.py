@@ -229,7 +229,9 @@ class StreamingBM25:
 
                 d = Path(self.index_dir)
                 if (d / "alto_bm25.json").exists():
-                    return BM25Index.load(d), passages
+                    idx = BM25Index.load(d)
+                    if idx.passage_ids == tuple(p.id for p in passages):
+                        return idx, passages  # else: built from another corpus, rebuild
                 idx = BM25Index.from_passages(passages)
                 idx.save(d)
                 return idx, passages
