@@ -99,6 +99,17 @@
     while (history.length && history[0][0] < now - HISTORY_S) history.shift();
   }
 
+  // The time axis grows with the data from one minute up to HISTORY_S, so that a page
+  // opened a moment ago is not a flat line squeezed against the right edge.
+  function windowSpan(history, now) {
+    const span = history.length ? now - history[0][0] : 0;
+    return span <= 30 ? 30 : Math.min(HISTORY_S, Math.ceil(span / 60) * 60);
+  }
+
+  function spanLabel(span) {
+    return span < 60 ? `-${span} s` : `-${span / 60} min`;
+  }
+
   // -- graph layout ----------------------------------------------------------------
 
   function layers(pipeline) {
@@ -151,27 +162,25 @@
       }));
     }
     if (stage.fanout) badges.push(el("span", { class: "badge", text: "fan-out" }));
+    const scale = el("span", { class: "scale" }, [
+      el("button", {
+        type: "button", "data-action": "scale-down", title: "remove an instance",
+        "aria-label": `scale ${stage.name} down`, text: "−",
+        onclick: () => scaleStage(stage.name, -1),
+      }),
+      el("span", { class: "count", title: "ready instances / target", text: "–" }),
+      el("button", {
+        type: "button", "data-action": "scale-up", title: "add an instance",
+        "aria-label": `scale ${stage.name} up`, text: "+",
+        onclick: () => scaleStage(stage.name, +1),
+      }),
+    ]);
     return el("div", { class: "stage", "data-stage": stage.name, id: "stage-" + stage.name }, [
-      el("div", { class: "stage-head" }, [el("span", { class: "stage-name", text: stage.name }), ...badges]),
+      el("div", { class: "stage-head" }, [el("span", { class: "stage-name", text: stage.name }), scale]),
+      el("div", { class: "stage-badges" }, badges),
       el("div", { class: "stage-meta" }, [
-        el("span", {}, [
-          el("span", { class: "stage-rate", text: "0 frames/s" }),
-          document.createTextNode(" · "),
-          el("span", { class: "errors-count", text: "0 errors" }),
-        ]),
-        el("span", { class: "scale" }, [
-          el("button", {
-            type: "button", "data-action": "scale-down", title: "remove an instance",
-            "aria-label": `scale ${stage.name} down`, text: "−",
-            onclick: () => scaleStage(stage.name, -1),
-          }),
-          el("span", { class: "count", title: "instances / target", text: "–" }),
-          el("button", {
-            type: "button", "data-action": "scale-up", title: "add an instance",
-            "aria-label": `scale ${stage.name} up`, text: "+",
-            onclick: () => scaleStage(stage.name, +1),
-          }),
-        ]),
+        el("span", { class: "stage-rate", text: "0 frames/s" }),
+        el("span", { class: "errors-count", text: "0 errors" }),
       ]),
       el("div", { class: "instances" }),
     ]);
@@ -179,20 +188,22 @@
 
   function instanceCard(inst) {
     return el("div", { class: "instance", "data-instance": String(inst.id), "data-stage": inst.stage }, [
-      el("span", { class: "inst-id", text: "#" + inst.id }),
-      el("span", { class: "inst-state" }),
-      el("div", { class: "depth-box" }, [
-        el("span", { class: "depth", text: "0" }),
-        el("span", { class: "depth-label", text: "queued" }),
-      ]),
-      el("canvas", { class: "spark", height: "28" }),
-      el("div", { class: "inst-meta" }, [
-        el("span", { class: "inst-numbers" }),
+      el("div", { class: "inst-head" }, [
+        el("span", { class: "inst-id", text: "#" + inst.id }),
+        el("span", { class: "inst-state" }),
         el("button", {
           type: "button", "data-action": "drain", title: "drain: finish pinned work, then stop",
           text: "drain", onclick: () => drainInstance(inst.id),
         }),
       ]),
+      el("div", { class: "inst-body" }, [
+        el("div", { class: "depth-box", title: "queue depth: frames dispatched, not yet acknowledged" }, [
+          el("span", { class: "depth", text: "0" }),
+          el("span", { class: "depth-label", text: "queued" }),
+        ]),
+        el("canvas", { class: "spark" }),
+      ]),
+      el("div", { class: "inst-meta" }),
       el("div", { class: "inst-error" }),
     ]);
   }
@@ -258,8 +269,12 @@
   function sparkline(canvas, history, now, limit) {
     const [ctx, w, h] = sizeCanvas(canvas);
     ctx.clearRect(0, 0, w, h);
-    const top = Math.max(limit || 1, ...history.map((p) => p[1]));
-    const x = (t) => w - ((now - t) / HISTORY_S) * w;
+    // Scale to the data, not to the credits: a depth of 8 against 64 credits must still
+    // show. The credit line appears once the depth comes near it.
+    const peak = Math.max(1, ...history.map((p) => p[1]));
+    const top = limit && limit <= peak * 1.5 ? Math.max(peak, limit) : peak;
+    const span = windowSpan(history, now);
+    const x = (t) => w - ((now - t) / span) * w;
     const y = (v) => h - 2 - (v / top) * (h - 4);
     if (limit && limit <= top) {
       ctx.strokeStyle = "rgba(214, 51, 63, 0.35)";
@@ -289,7 +304,8 @@
     let top = 0;
     for (const p of history) for (const s of series) if (p[s.index] !== null) top = Math.max(top, p[s.index]);
     top = top > 0 ? top * 1.15 : 1;
-    const x = (t) => left + (1 - (now - t) / HISTORY_S) * (w - left - 4);
+    const span = windowSpan(history, now);
+    const x = (t) => left + (1 - (now - t) / span) * (w - left - 4);
     const y = (v) => 6 + (1 - v / top) * (h - bottom - 6);
     ctx.font = "11px system-ui, sans-serif";
     ctx.fillStyle = "#6b7487";
@@ -300,7 +316,7 @@
       ctx.beginPath(); ctx.moveTo(left, y(v)); ctx.lineTo(w - 4, y(v)); ctx.stroke();
       ctx.fillText(unit(v), 2, y(v) + 4);
     }
-    ctx.fillText("-5 min", left, h - 2);
+    ctx.fillText(spanLabel(span), left, h - 2);
     ctx.fillText("now", w - 26, h - 2);
     for (const s of series) {
       ctx.beginPath();
@@ -344,7 +360,7 @@
         depth.dataset.level = inst.queue_depth >= inst.credits ? "high"
           : inst.queue_depth * 2 >= inst.credits && inst.queue_depth > 0 ? "mid" : "low";
         node.querySelector(".inst-state").textContent = inst.state;
-        node.querySelector(".inst-numbers").textContent =
+        node.querySelector(".inst-meta").textContent =
           `credits ${inst.credits} · backlog ${inst.backlog} · groups ${inst.open_groups}`;
         node.querySelector(".inst-error").textContent = inst.last_error || "";
         node.querySelector("button[data-action=drain]").disabled = inst.state !== "ready";
@@ -408,7 +424,8 @@
     $("in-flight-max").textContent = `of ${stats.requests.max_in_flight}`;
     const r = stats.requests;
     $("counts").replaceChildren(
-      document.createTextNode(`${r.completed} completed · `),
+      document.createTextNode(`${r.completed} done`),
+      el("br"),
       el("span", { class: r.failed ? "bad" : "", text: `${r.failed} failed` }),
       document.createTextNode(" · "),
       el("span", { class: r.refused ? "bad" : "", text: `${r.refused} refused` }),

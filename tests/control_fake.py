@@ -92,9 +92,7 @@ class FakeRuntime:
             for s in (
                 _Stage("split", "round-robin", ("input",), ("words",), fanout=True),
                 _Stage("score", "least-outstanding", ("words",), ("scores",), target=2),
-                _Stage(
-                    "sum", "hash", ("scores",), ("total",), stateful=True, aggregate_level=1
-                ),
+                _Stage("sum", "hash", ("scores",), ("total",), stateful=True, aggregate_level=1),
             )
         }
         self.instances: dict[int, _Instance] = {}
@@ -264,11 +262,8 @@ class FakeRuntime:
                     scorer.last_error = f"ValueError: cannot score {word!r}"
                     self.stages["score"].errors += 1
                     outcome = "failed"
-                    yield RequestEvent(
-                        "error",
-                        request_id,
-                        message=f"stage 'score' instance {scorer.id}: ValueError: cannot score {word!r}",
-                    )
+                    message = f"stage 'score' instance {scorer.id}: {scorer.last_error}"
+                    yield RequestEvent("error", request_id, message=message)
                     return
                 await self._work(self.stages["sum"], summer)
                 total += len(word)

@@ -111,8 +111,16 @@ async def test_instances(server: Server) -> None:
     assert len(instances) == 4
     first = instances[0]
     assert set(first) >= {
-        "id", "stage", "state", "queue_depth", "credits", "backlog", "open_groups",
-        "frames_in", "frames_out", "last_error",
+        "id",
+        "stage",
+        "state",
+        "queue_depth",
+        "credits",
+        "backlog",
+        "open_groups",
+        "frames_in",
+        "frames_out",
+        "last_error",
     }
     assert first["state"] == "ready" and first["credits"] == 4 and first["last_error"] is None
 
@@ -174,7 +182,10 @@ async def test_stream_late_client_gets_state_at_once_and_events_keep_coming(
                     assert trio.current_time() - started < INTERVAL * 2
                     assert data["seq"] > 1
                     assert {i["id"]: i["queue_depth"] for i in data["instances"]} == {
-                        1: 0, 2: 0, 3: 0, 4: 0,
+                        1: 0,
+                        2: 0,
+                        3: 0,
+                        4: 0,
                     }
                     assert data["pipeline"] == "wordcount"
                     assert set(data["rates"]) >= {"frames_per_s", "requests_per_s"}
@@ -305,10 +316,16 @@ async def test_metrics(server: Server) -> None:
     families = _metrics(response.text)
     depth = families["alto_queue_depth"]
     assert {(s.labels["stage"], s.labels["instance"]) for s in depth.samples} == {
-        ("split", "1"), ("score", "2"), ("score", "3"), ("sum", "4"),
+        ("split", "1"),
+        ("score", "2"),
+        ("score", "3"),
+        ("sum", "4"),
     }
     assert {s.labels["instance"] for s in families["alto_instance_credits"].samples} == {
-        "1", "2", "3", "4",
+        "1",
+        "2",
+        "3",
+        "4",
     }
     assert "alto_open_groups" in families
     assert families["alto_requests_in_flight"].samples[0].value == 0
@@ -322,7 +339,9 @@ async def test_metrics(server: Server) -> None:
     assert relayed.name == "alto_frames_relayed_total" and relayed.value == 12
     assert "alto_scale_events" in families
     assert {s.labels["stage"] for s in families["alto_stage_errors"].samples} == {
-        "split", "score", "sum",
+        "split",
+        "score",
+        "sum",
     }
     for name in ("alto_request_latency_seconds", "alto_request_first_result_seconds"):
         family = families[name]
@@ -452,9 +471,7 @@ async def test_wrong_method_is_a_json_405(server: Server) -> None:
 
 
 async def test_oversized_body_is_a_json_413(server: Server) -> None:
-    response = await server.client.post(
-        REQUESTS, content=b" " * (17 * 1024 * 1024), headers=AUTH
-    )
+    response = await server.client.post(REQUESTS, content=b" " * (17 * 1024 * 1024), headers=AUTH)
     assert response.status_code == 413
     _error_of(response)
 
@@ -611,7 +628,7 @@ async def test_cli_status(server: Server) -> None:
 async def test_cli_scale_and_drain(server: Server) -> None:
     code, out, err = await _cli(cli.scale, server.url, "score", 3, TOKEN)
     assert code == 0, err
-    assert "target 3" in out
+    assert "scaling to 3 instances" in out
     assert server.fake.stages["score"].target == 3
     code, out, err = await _cli(cli.drain, server.url, 2, TOKEN)
     assert code == 0, err

@@ -125,6 +125,12 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return c.scale(_http_url(args), args.stage, args.instances, args.token)
 
 
+def _cmd_drain(args: argparse.Namespace) -> int:
+    from .control import _cli as c
+
+    return c.drain(_http_url(args), args.instance, args.token)
+
+
 def _cmd_top(args: argparse.Namespace) -> int:
     from .control import _cli as c
 
@@ -174,12 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url")
     s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
     s.set_defaults(fn=_cmd_scale)
+    s = sub.add_parser("drain", help="drain one instance (finish its pinned groups, then stop it)")
+    s.add_argument("instance", type=int)
+    s.add_argument("--url")
+    s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
+    s.set_defaults(fn=_cmd_drain)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call is noise here
     try:
         code = args.fn(args)
     except AltoError as exc:

@@ -91,9 +91,7 @@ class _Refusal(Exception):
 
 
 def _json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(data), status=status, headers=headers, mimetype="application/json"
-    )
+    return Response(json.dumps(data), status=status, headers=headers, mimetype="application/json")
 
 
 def _sse(event: str, data: Any) -> bytes:

@@ -141,8 +141,17 @@ def status(
         print(
             _table(
                 [
-                    "INSTANCE", "STAGE", "STATE", "DEPTH", "CREDITS", "BACKLOG", "GROUPS",
-                    "FRAMES_IN", "FRAMES_OUT", "PID", "LAST_ERROR",
+                    "INSTANCE",
+                    "STAGE",
+                    "STATE",
+                    "DEPTH",
+                    "CREDITS",
+                    "BACKLOG",
+                    "GROUPS",
+                    "FRAMES_IN",
+                    "FRAMES_OUT",
+                    "PID",
+                    "LAST_ERROR",
                 ],
                 instances,
             ),
@@ -166,15 +175,14 @@ def scale(
 
     def action() -> None:
         with httpx.Client(timeout=_TIMEOUT, headers=_headers(token)) as client:
-            response = client.post(
-                f"{_base(url)}/api/stages/{stage}/scale", json={"instances": n}
-            )
+            response = client.post(f"{_base(url)}/api/stages/{stage}/scale", json={"instances": n})
             _check(response)
             data = response.json()
         ids = ", ".join(str(i) for i in data["instances"]) or "none"
+        target = data["target_instances"]
         print(
-            f"stage {data['name']}: target {data['target_instances']} instances "
-            f"(now running: {ids})",
+            f"stage {data['name']}: scaling to {target} instance{'s' if target != 1 else ''} "
+            f"(instances now: {ids})",
             file=out,
         )
 
@@ -214,7 +222,13 @@ def render_top(data: dict[str, Any], url: str = "") -> str:
         "",
     ]
     stage_rows = [
-        [s["name"], len(s["instances"]), s["target_instances"], f"{s['frames_per_s']:.1f}", s["errors"]]
+        [
+            s["name"],
+            len(s["instances"]),
+            s["target_instances"],
+            f"{s['frames_per_s']:.1f}",
+            s["errors"],
+        ]
         for s in data["stages"]
     ]
     lines.append(_table(["STAGE", "INSTANCES", "TARGET", "FRAMES/S", "ERRORS"], stage_rows))

@@ -172,7 +172,9 @@ class RuntimeCollector:
             "alto_stage_errors", "Errors raised by the stage's instances.", labels=["stage"]
         )
         processed = CounterMetricFamily(
-            "alto_stage_frames_processed", "Frames the stage's instances processed.", labels=["stage"]
+            "alto_stage_frames_processed",
+            "Frames the stage's instances processed.",
+            labels=["stage"],
         )
         for stage in stats.stages:
             instances.add_metric([stage.name], len(stage.instances))
@@ -182,7 +184,9 @@ class RuntimeCollector:
         yield from (instances, target, errors, processed)
 
         yield GaugeMetricFamily(
-            "alto_requests_in_flight", "Requests admitted and not finished.", value=stats.requests_in_flight
+            "alto_requests_in_flight",
+            "Requests admitted and not finished.",
+            value=stats.requests_in_flight,
         )
         yield GaugeMetricFamily(
             "alto_max_inflight_requests",

@@ -30,7 +30,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "description": (
                 "Status, live statistics, scaling and request ingress of one alto runtime. "
                 "Mutating endpoints need `Authorization: Bearer <token>` when the server was "
-                "started with a token. Errors are JSON objects `{\"error\": message}`."
+                'started with a token. Errors are JSON objects `{"error": message}`.'
             ),
         },
         "components": {
@@ -74,9 +74,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                     "properties": {
                         "id": {"type": "integer"},
                         "stage": {"type": "string"},
-                        "state": {
-                            "enum": ["starting", "ready", "draining", "stopped", "crashed"]
-                        },
+                        "state": {"enum": ["starting", "ready", "draining", "stopped", "crashed"]},
                         "queue_depth": {"type": "integer"},
                         "credits": {"type": "integer"},
                         "backlog": {"type": "integer"},
@@ -93,9 +91,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "request_id": {"type": "integer"},
                         "queue": {"type": "string"},
                         "key_path": {"type": "array", "items": {"type": "integer"}},
-                        "output": {
-                            "description": "the JSON form of the queue's protobuf message"
-                        },
+                        "output": {"description": "the JSON form of the queue's protobuf message"},
                     },
                 },
             },
@@ -170,7 +166,12 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                     "summary": "Scale a stage to a number of instances",
                     "security": [{"bearer": []}],
                     "parameters": [
-                        {"name": "stage", "in": "path", "required": True, "schema": {"type": "string"}}
+                        {
+                            "name": "stage",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
                     ],
                     "requestBody": {
                         "required": True,
@@ -185,7 +186,9 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "200": _json({"$ref": "#/components/schemas/Stage"}, "The stage after scaling"),
+                        "200": _json(
+                            {"$ref": "#/components/schemas/Stage"}, "The stage after scaling"
+                        ),
                         "400": _error("Malformed JSON, or a count that is not an integer >= 1"),
                         "401": _UNAUTHORIZED,
                         "404": _error("Unknown stage"),
@@ -223,7 +226,12 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                     ),
                     "security": [{"bearer": []}],
                     "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
                         {
                             "name": "stream",
                             "in": "query",
@@ -256,7 +264,9 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                                 },
                             },
                         },
-                        "400": _error("Malformed JSON, or input that does not fit the input message"),
+                        "400": _error(
+                            "Malformed JSON, or input that does not fit the input message"
+                        ),
                         "401": _UNAUTHORIZED,
                         "404": _error("This runtime serves another pipeline"),
                         "429": {

@@ -131,7 +131,12 @@ class StatsHub:
             "stages": stages,
             "instances": instances,
             "recent_errors": [
-                {"time": e.time, "age_s": round(now - e.time, 1), "request_id": e.request_id, "message": e.message}
+                {
+                    "time": e.time,
+                    "age_s": round(now - e.time, 1),
+                    "request_id": e.request_id,
+                    "message": e.message,
+                }
                 for e in self._ingress.recent_errors()
             ],
         }

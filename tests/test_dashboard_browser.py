@@ -1,0 +1,220 @@
+"""The dashboard in Debian's chromium, driven by selenium, against the FakeRuntime.
+
+The control plane runs in a background thread with its own ``trio.run`` while a load
+generator posts requests through the HTTP ingress, so queue depths move. The test loads
+the page, watches depths change, scales a stage up with the token and saves a screenshot to
+``artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from control_fake import FakeRuntime
+
+from alto.control import serve_control
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()),
+        reason="needs /usr/bin/chromium and /usr/bin/chromedriver (chromium-driver)",
+    ),
+    pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="needs selenium"),
+]
+
+TOKEN = "browser-token"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+WAIT_S = 15
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1440,1100",
+]
+
+
+class _ServerThread:
+    """serve_control plus a load generator, in a thread of its own (its own trio.run)."""
+
+    def __init__(self, fake: FakeRuntime) -> None:
+        self.fake = fake
+        self.port = 0
+        self._ready: queue.Queue[int | BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="alto-control-test", daemon=True)
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._cancel: trio.CancelScope | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        result = self._ready.get(timeout=10)
+        if isinstance(result, BaseException):
+            raise result
+        self.port = result
+
+    def stop(self) -> None:
+        if self._trio_token is not None and self._cancel is not None:
+            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # reported to the test thread
+            self._ready.put(exc)
+
+    async def _main(self) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            port: int = await nursery.start(
+                partial(serve_control, self.fake, "127.0.0.1", 0, token=TOKEN, stream_interval=0.1)
+            )
+            for seed in range(6):
+                nursery.start_soon(self._load, port, seed)
+            self._ready.put(port)
+
+    async def _load(self, port: int, seed: int) -> None:
+        rng = random.Random(seed)
+        words = "claims queries passages evidence verdict answer context prompt".split()
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        ) as client:
+            if seed == 0:  # one failing request, so the errors panel has something to show
+                await client.post(
+                    "/v1/pipelines/wordcount/requests?stream=false",
+                    json={"text": "unscorable", "fail": True},
+                )
+            while True:
+                text = " ".join(rng.choices(words, k=rng.randint(2, 6)))
+                await client.post(
+                    "/v1/pipelines/wordcount/requests?stream=false", json={"text": text}
+                )
+                await trio.sleep(rng.uniform(0.0, 0.3))
+
+
+@pytest.fixture
+def server() -> Iterator[_ServerThread]:
+    thread = _ServerThread(FakeRuntime(step_delay=0.12))
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    # Never let selenium-manager look for (or download) a browser or driver.
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in CHROMIUM_ARGS:
+        options.add_argument(arg)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def _depths(driver: Any) -> dict[str, str]:
+    script = """
+        const out = {};
+        for (const node of document.querySelectorAll('.instance')) {
+          out[node.dataset.instance] = node.querySelector('.depth').textContent;
+        }
+        return out;
+    """
+    result: dict[str, str] = driver.execute_script(script)
+    return result
+
+
+def test_dashboard(server: _ServerThread, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1)
+    driver.get(f"http://127.0.0.1:{server.port}/")
+
+    # The graph: three stages with their instances, and the arrows between them.
+    sum_instances = '.stage[data-stage="sum"] .instance'
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, sum_instances)) == 1)
+    stages = [
+        e.get_attribute("data-stage") for e in driver.find_elements(By.CSS_SELECTOR, ".stage")
+    ]
+    assert stages == ["split", "score", "sum"]
+    assert len(driver.find_elements(By.CSS_SELECTOR, '.stage[data-stage="score"] .instance')) == 2
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#edges path[data-edge]")) == 4
+    wait.until(lambda d: d.find_element(By.ID, "conn").text == "live")
+
+    # Queue depths move while requests flow.
+    seen: list[dict[str, str]] = []
+
+    def depths_changed(d: Any) -> bool:
+        depths = _depths(d)
+        if not seen or depths != seen[-1]:
+            seen.append(depths)
+        values = {int(v) for snapshot in seen for v in snapshot.values()}
+        return len(seen) >= 3 and max(values) >= 1
+
+    wait.until(depths_changed)
+
+    # Throughput and latency percentiles come from the stream.
+    wait.until(lambda d: d.find_element(By.ID, "lat-p50").text not in ("", "–"))
+    assert float(driver.find_element(By.ID, "req-rate").text) >= 0
+    wait.until(lambda d: "unscorable" in d.find_element(By.ID, "errors").text)
+
+    # Without the token, scaling is refused and the page says why.
+    scale_up = driver.find_element(
+        By.CSS_SELECTOR, '.stage[data-stage="sum"] [data-action="scale-up"]'
+    )
+    scale_up.click()
+    wait.until(lambda d: "401" in d.find_element(By.ID, "toast").text)
+    assert server.fake.stages["sum"].target == 1
+
+    # With the token (kept in localStorage), a new instance appears.
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    assert driver.execute_script("return localStorage.getItem('alto.token')") == TOKEN
+    scale_up.click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, sum_instances)) == 2)
+    assert server.fake.stages["sum"].target == 2
+    count = driver.find_element(By.CSS_SELECTOR, '.stage[data-stage="sum"] .count').text
+    assert count.endswith("/ 2")
+
+    # Let the sparklines and charts gather a few seconds of history, then keep a picture.
+    wait.until(lambda d: len(seen) >= 1 and d.execute_script("return performance.now()") > 6000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    # The 401 of the refused scale is expected; nothing else may fail.
+    unexpected = [e for e in severe if "401" not in e["message"]]
+    assert not unexpected, json.dumps(unexpected, indent=1)
+    assert os.path.getsize(ARTIFACTS / "dashboard.png") > 10_000
