@@ -52,9 +52,28 @@ def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.file:
         with open(args.file) as f:
             items.extend(json.loads(line) for line in f if line.strip())
+    if args.squad:
+        from .retrieval import load_questions
+
+        qs = load_questions()[:: 97][: args.squad]  # spread over the dev set's articles
+        items.extend({"id": q.id, "question": q.question, "gold_pid": q.gold_pid} for q in qs)
     if not items:
         raise AltoError("nothing to submit: give JSON inputs or --file")
     return items
+
+
+def _pretty(out: Any, width: int = 150) -> str:
+    """One line for a result: its text-like fields, passages as 'title (score)'."""
+    if not isinstance(out, dict):
+        return str(out)[:width]
+    parts = []
+    for k, v in out.items():
+        if k == "passages" and isinstance(v, list):
+            parts.append("evidence: " + "; ".join(f"{p.get('id', '?')} ({p.get('score', 0):.2f})" for p in v))
+        elif k not in ("questionId", "embedding"):
+            parts.append(f"{k}: {v}")
+    text = " | ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -80,12 +99,20 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                     try:
                         async for r in client.submit(msg):
                             out = json_format.MessageToDict(r.message) if not isinstance(r.message, bytes) else r.message.hex()
-                            print(json.dumps({"input": i, "request": r.request_id, "t": round(trio.current_time() - t0, 3), "queue": r.queue, "key_path": list(r.key_path), "output": out}), flush=True)
+                            t = trio.current_time() - t0
+                            if args.pretty:
+                                print(f"{t:7.2f}s  request {r.request_id:<3} {r.queue:<12} {list(r.key_path)!s:<12} {_pretty(out)}", flush=True)
+                            else:
+                                print(json.dumps({"input": i, "request": r.request_id, "t": round(t, 3), "queue": r.queue, "key_path": list(r.key_path), "output": out}), flush=True)
                     except AltoError as exc:
                         failures += 1
                         print(json.dumps({"input": i, "error": str(exc)}), flush=True)
                     else:
-                        print(json.dumps({"input": i, "done": True, "t": round(trio.current_time() - t0, 3)}), flush=True)
+                        t = trio.current_time() - t0
+                        if args.pretty:
+                            print(f"{t:7.2f}s  input {i} done", flush=True)
+                        else:
+                            print(json.dumps({"input": i, "done": True, "t": round(t, 3)}), flush=True)
 
             async with trio.open_nursery() as n:
                 for i, data in enumerate(inputs):
@@ -155,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline", help="pipeline name or file")
     s.add_argument("inputs", nargs="*", help="JSON inputs (the input queue's message as JSON)")
     s.add_argument("--file", help="a JSON-lines file of inputs")
+    s.add_argument("--squad", type=int, default=0, metavar="N", help="also submit N SQuAD dev questions (FacTool's input type)")
+    s.add_argument("--pretty", action="store_true", help="one readable line per result instead of JSON")
     s.add_argument("--concurrency", type=int, default=16)
     s.add_argument("--address", help="unix:/path or HOST:PORT (default: the discovery file)")
     s.add_argument("--token", default=None)

@@ -35,12 +35,16 @@ __all__ = ["Collect", "Count", "Filter", "GroupAggregator", "Sum", "TopK"]
 S = TypeVar("S")
 
 
-def _field(msg: Message, name: str) -> Any:
+def _field(msg: Message, name: str, ctx: Context | None = None) -> Any:
     try:
         return getattr(msg, name)
     except AttributeError:
         fields = ", ".join(f.name for f in msg.DESCRIPTOR.fields)
-        raise StageError("aggregate", None, f"{msg.DESCRIPTOR.full_name} has no field {name!r}; fields: {fields}") from None
+        raise StageError(
+            ctx.stage if ctx else "aggregate",
+            ctx.instance if ctx else None,
+            f"{msg.DESCRIPTOR.full_name} has no field {name!r}; fields: {fields}",
+        ) from None
 
 
 class GroupAggregator(Generic[S]):

@@ -504,7 +504,7 @@ class Runtime:
             if fend > end:
                 break
             h = unpack(buf, off)
-            if size < 14 or h[4] == 0 or 14 + 8 * h[4] + h[3] + h[5] > size + 4:
+            if size < 14 or size + 4 > max_size or h[4] == 0 or 10 + 8 * h[4] + h[3] + h[5] > size + 4:
                 _checked_header(buf, off, size, max_size)
             n_in += 1
             kind = h[1]
@@ -835,6 +835,8 @@ class Runtime:
         }).encode()))
         try:
             await self._read_loop(conn, None, rest)
+        except RemoteProtocolError as exc:
+            log.error("client connection: protocol error: %s; closing it", exc)
         finally:
             for req in self.requests.values():  # keep running; nobody to tell
                 if isinstance(req.sink, _ConnSink) and req.sink.conn is conn:
