@@ -442,3 +442,9 @@ def test_fan_out_depths_add_up(tmp_path: Path) -> None:
     )
     cfg = load_pipeline(write(tmp_path, text))
     assert {s.name: s.input_depth for s in cfg.stages.values()} == {"gen": 1, "sq": 2, "total": 3}
+
+
+def test_a_stateful_stage_cannot_be_idempotent(tmp_path: Path) -> None:
+    err = pipeline_error(tmp_path, replace("aggregate_level = 1", "aggregate_level = 1\nidempotent = true"))
+    assert err.key == "stages.total.idempotent"
+    assert "group state" in err.message

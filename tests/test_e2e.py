@@ -198,6 +198,40 @@ async def test_stage_error_and_crash_fail_only_their_requests(tmp_path: Path) ->
     assert stats.requests_failed == 2
 
 
+async def crash_once_square(msg: object, ctx: alto.Context) -> None:
+    """Dies (SIGKILL) the first time it sees the value 5, before writing anything."""
+    value = getattr(msg, "value", 0)
+    marker = Path(os.environ["ALTO_TEST_MARKER"])
+    if value == 5 and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    await ctx.write("squares", Square(value=value * value, instance=ctx.instance))
+    await ctx.write("partials", Square(value=value * value, instance=ctx.instance))
+
+
+async def test_idempotent_stage_retries_work_of_a_crashed_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline, deploy = write_pipeline(tmp_path, square_entry="test_e2e:crash_once_square", generate_instances=1)
+    text = pipeline.read_text().replace('scheduler = "least-outstanding"', 'scheduler = "least-outstanding"\nidempotent = true', 1)
+    pipeline.write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("ALTO_TEST_MARKER", str(tmp_path / "crashed"))
+    values = [8, 3, 6, 7, 2]
+    results: dict[int, list[alto.Result]] = {}
+    errors: dict[int, str] = {}
+    async with trio.open_nursery() as nursery:
+        info = await start(nursery, pipeline, deploy)
+        with trio.fail_after(60):
+            await run_many(info, values, results, errors)
+        stats = info.runtime.statistics()
+        retried = info.runtime.frames_retried
+        nursery.cancel_scope.cancel()
+    assert (tmp_path / "crashed").exists()
+    assert not errors, errors
+    check_results(values, results)  # every request complete and exact despite the crash
+    assert retried >= 1
+    assert [i.state for i in stats.instances if i.stage == "square"].count("crashed") == 1
+
+
 async def test_wrong_token_is_refused(tmp_path: Path) -> None:
     pipeline, deploy = write_pipeline(tmp_path, generate_instances=1, square_instances=1, total_instances=1)
     async with trio.open_nursery() as nursery:

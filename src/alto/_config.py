@@ -289,6 +289,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             raise ConfigError(p, t.key("aggregate_level"), "only stateful stages aggregate; set stateful = true")
         if stateful and level is None:
             raise ConfigError(p, t.key("aggregate_level"), "missing: a stateful stage needs its aggregation level")
+        if stateful and t.get("idempotent", bool, False):
+            raise ConfigError(p, t.key("idempotent"), "a stateful stage cannot be retried elsewhere: its group state dies with the instance")
         backend = t.get("backend", str, "trio")
         if backend not in BACKENDS:
             raise ConfigError(p, t.key("backend"), f"got {backend!r}; allowed: {', '.join(BACKENDS)}")

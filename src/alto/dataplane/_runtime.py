@@ -208,6 +208,11 @@ class _Instance:
         self.unblocked = trio.lowlevel.ParkingLot()
         self.process: trio.Process | None = None
         self.stopped = trio.Event()
+        # Idempotent stages: the frames in flight by key path, kept until acknowledged so
+        # a crash can hand them to another instance, and the paths that already produced
+        # output (those cannot be retried without duplicates).
+        self.retained: dict[bytes, deque[bytes]] | None = {} if stage.retains else None
+        self.started: set[bytes] = set()
 
 
 class _Stage:
@@ -220,6 +225,7 @@ class _Stage:
         self.loads: dict[int, int] = {}
         self.groups: dict[bytes, _Instance] = {}
         self.level = cfg.aggregate_level or 0
+        self.retains = cfg.idempotent
         self.key_end = 10 + 8 * self.level
         self.up: tuple[int, ...] = ()
         self.track_levels: tuple[int, ...] = ()  # levels of stateful stages downstream
@@ -299,6 +305,7 @@ class Runtime:
         self.requests_refused = 0
         self.scale_events = 0
         self.frames_dropped = 0
+        self.frames_retried = 0
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
 
@@ -495,7 +502,7 @@ class Runtime:
         requests = self.requests
         routes = self.routes
         st = inst.stage
-        src_tracked = st.tracked
+        src_tracked = st.tracked or st.retains  # those take the general path
         off = 0
         n_in = 0
         while end - off >= 18:
@@ -512,7 +519,7 @@ class Runtime:
                 req = requests.get(h[6])
                 q0 = off + 10 + 8 * h[4]
                 dst = routes.get(bytes(buf[q0 : q0 + h[3]]), False)
-                if req is not None and dst and not dst.tracked:
+                if req is not None and dst and not dst.tracked and not dst.retains:
                     if dst.level:
                         if h[4] >= dst.level:
                             inst2 = dst.groups.get(bytes(buf[off + 10 : off + dst.key_end]))
@@ -586,6 +593,12 @@ class Runtime:
         kind = h[1]
         rid = h[6]
         st = inst.stage
+        if kind in (_DATA, _CLOSE) and inst.retained:
+            path = bytes(buf[off + 10 : off + 10 + 8 * h[4]])
+            for k in range(h[4], 0, -1):  # the input this output descends from
+                if path[: 8 * k] in inst.retained:
+                    inst.started.add(path[: 8 * k])
+                    break
         if kind == _DATA:
             self._route(st, buf, off, fend, h)
         elif kind == _ACK:
@@ -675,6 +688,8 @@ class Runtime:
         inst.stage.loads[inst.id] = inst.depth
         rc = inst.req_counts
         rc[rid] = rc.get(rid, 0) + 1
+        if inst.retained is not None:
+            inst.retained.setdefault(frame[10 : 10 + 8 * frame[7]], deque()).append(frame)
         if inst.inflight < inst.credits and not inst.backlog:
             inst.inflight += 1
             inst.frames_out += 1
@@ -700,6 +715,14 @@ class Runtime:
             rc.pop(rid, None)
         if inst.backlog:
             self._refill(inst)
+        if inst.retained:
+            path = bytes(buf[off + 10 : off + 10 + 8 * h[4]])
+            dq = inst.retained.get(path)
+            if dq:
+                dq.popleft()
+                if not dq:
+                    del inst.retained[path]
+                    inst.started.discard(path)
         req = self.requests.get(rid)
         if req is not None:
             req.live_total -= 1
@@ -813,8 +836,20 @@ class Runtime:
         if inst.id in st.scheduler.instances:
             st.scheduler.remove_instance(inst.id)
         st.loads.pop(inst.id, None)
-        pinned = [req.rid for req in self.requests.values() for (sidx, _), i in req.groups.items() if i is inst]
-        for rid in set(pinned) | set(inst.req_counts):
+        pinned = {req.rid for req in self.requests.values() for (sidx, _), i in req.groups.items() if i is inst}
+        retry: list[bytes] = []
+        if inst.retained is not None:  # idempotent: retry what had not started
+            doomed = set(pinned)
+            for path, frames in inst.retained.items():
+                if path in inst.started:
+                    doomed.add(struct.unpack_from("<Q", path)[0])
+                else:
+                    retry.extend(frames)
+            inst.retained.clear()
+            inst.started.clear()
+        else:
+            doomed = pinned | set(inst.req_counts)
+        for rid in doomed:
             self.fail_request(rid, f"stage {st.name!r} instance {inst.id} crashed: {reason}")
         inst.req_counts.clear()
         inst.backlog.clear()
@@ -823,6 +858,19 @@ class Runtime:
         if inst.conn is not None:
             inst.conn.close()
         inst.stopped.set()
+        for frame in retry:
+            rid = struct.unpack_from("<Q", frame, 10)[0]
+            if rid not in self.requests:
+                continue
+            try:
+                other = st.instances[st.scheduler.choose(None, st.loads)]
+            except NoInstanceError:
+                self.fail_request(rid, f"stage {st.name!r} instance {inst.id} crashed ({reason}) and no other instance can retry its work")
+                continue
+            log.info("retrying a frame of request %d on %s/%d (idempotent stage)", rid, st.name, other.id)
+            self.frames_retried += 1
+            self._dispatch(other, rid, frame)
+        self._after_batch()
 
     # ------------------------------------------------------------------ clients
 
