@@ -51,6 +51,7 @@ EXPECTED = {
         "FrameKind",
         "InstanceState",
         "InstanceStatistics",
+        "NoInstanceError",
         "RequestEvent",
         "Runtime",
         "RuntimeStatistics",

@@ -6,7 +6,7 @@ The dataplane never imports the control plane.
 
 from ._frames import NEED_DATA, Frame, FrameDecoder, FrameFlags, FrameKind, encode
 from ._runtime import Runtime
-from ._schedulers import Scheduler, available_schedulers, load_scheduler
+from ._schedulers import NoInstanceError, Scheduler, available_schedulers, load_scheduler
 from ._stats import InstanceState, InstanceStatistics, RequestEvent, RuntimeStatistics, StageStatistics
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "FrameKind",
     "InstanceState",
     "InstanceStatistics",
+    "NoInstanceError",
     "RequestEvent",
     "Runtime",
     "RuntimeStatistics",

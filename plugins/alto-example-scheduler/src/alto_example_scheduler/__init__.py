@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 # Subclass the base and raise its error so that alto treats this policy like a built-in.
-from alto.dataplane._schedulers import NoInstanceError, Scheduler
+from alto.dataplane import NoInstanceError, Scheduler
 
 __all__ = ["PowerOfTwo"]
 
