@@ -33,13 +33,17 @@ a step takes ``token_seconds * (1 + alpha * (active - 1))``, so per-token latenc
 with the batch while throughput ``active / step`` saturates towards
 ``1 / (alpha * token_seconds)``; at most ``max_batch`` sequences are active and the rest
 queue (FIFO) for a slot. A sequence that arrives mid-step joins at the next iteration
-boundary, as in vLLM's scheduler. The clock is the event loop's (``anyio.current_time``),
-so tests run it on trio's ``MockClock`` (autojump) and never sleep in real time.
+boundary, as in vLLM's scheduler. Tokens are produced as the consumer asks for them: a
+sequence whose consumer is slow keeps its slot (it counts in the batch) and gets its
+next token at the end of the step in progress when it asks. The clock is the event
+loop's (``anyio.current_time``), so tests run it on trio's ``MockClock`` (autojump) and
+never sleep in real time.
 
 Determinism: the outputs are a function of ``(seed, profile, prompt)`` (``params.seed``
 replaces the engine's seed when given): the same call gives the same text on every run.
-Step-time jitter comes from one generator per engine seeded by ``seed``, so timings are
-reproducible wherever the task schedule is (trio's is, for a given program).
+Step-time jitter comes from one generator per engine seeded by ``seed``, and the batch
+changes only at well-defined points (see the batch clock below), so the same arrivals
+give the same timings, whatever order the event loop runs ready tasks in.
 
 Output text: words from a fixed word list; each output starts with a capital letter and
 ends with ``.`` (``?`` for queries); outputs are separated by newlines, the separator
@@ -50,13 +54,15 @@ as in a real engine (the stop string is not included in the output).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 
 from ._base import Engine, GenerationParams
 
@@ -93,6 +99,14 @@ _WORDS = (
     "station village company county album game group family series party system "
     "water island house north south century university league"
 ).split()
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A sequence waiting for a batch slot; ``joined`` is set when it gets one."""
+
+    admitted: anyio.Event = field(default_factory=anyio.Event)
+    joined: int = 0
 
 
 def _lognormal_params(mean: float, std: float) -> tuple[float, float]:
@@ -151,11 +165,10 @@ class EmulatedEngine(Engine):
         self.alpha = alpha
         self.first_token_seconds = first_token_seconds
         self._timing_rng = random.Random(_stable_seed(seed, "timing"))
-        self._slots = anyio.Semaphore(max_batch)
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         # The batch clock: the end of the decoding step in progress (-inf when idle).
         self._step_end = -math.inf
         self._active = 0
-        self._waiting = 0
         self._max_active = 0
         self._started = 0
         self._finished = 0
@@ -205,6 +218,15 @@ class EmulatedEngine(Engine):
         return tokens
 
     # -- when to say it: the batch clock -------------------------------------------
+    #
+    # Sequences hold batch slots (at most max_batch; the rest wait FIFO). A decoding step
+    # starts when a sequence asks for its next token and none is in progress; its length
+    # follows from the slots held at that moment, and every sequence that held a slot
+    # when it started gets one token at its end. Everything that changes the batch (a
+    # sequence leaving, a slot handed to a waiter, an arrival) happens synchronously, and a
+    # step starts only after a schedule point, so that all sequences that woke at a step
+    # boundary have left or joined first: timings do not depend on the order in which
+    # the event loop runs tasks that are ready at the same instant.
 
     def _step_seconds(self) -> float:
         mean = self.profile.token_seconds * (1 + self.alpha * (max(self._active, 1) - 1))
@@ -214,20 +236,50 @@ class EmulatedEngine(Engine):
         mu, sigma = _lognormal_params(mean, mean * cv)
         return self._timing_rng.lognormvariate(mu, sigma)
 
-    async def _next_step(self) -> None:
-        """Wait for the end of the decoding step that produces this sequence's next token."""
-        now = anyio.current_time()
-        if now >= self._step_end:
-            # No step in progress: start one with every active sequence in the batch.
-            duration = self._step_seconds()
-            self._step_end = now + duration
-            self._steps += 1
-            self._busy_seconds += duration
-        await anyio.sleep_until(self._step_end)
+    async def _admit(self) -> int:
+        """Take a batch slot, waiting FIFO for one; returns the steps started so far."""
+        if self._active < self.max_batch and not self._waiters:
+            self._active += 1
+            return self._steps
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.admitted.wait()
+        except BaseException:
+            if waiter.admitted.is_set():
+                self._leave_batch()  # handed a slot as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+        return waiter.joined
 
     def _leave_batch(self) -> None:
-        self._active -= 1
-        self._slots.release()
+        if self._waiters:
+            # Hand the slot over: the waiter is in the batch from now on, and in the next
+            # step whichever task happens to start it.
+            waiter = self._waiters.popleft()
+            waiter.joined = self._steps
+            waiter.admitted.set()
+        else:
+            self._active -= 1
+
+    async def _next_step(self, joined: int) -> None:
+        """Wait for the end of the step that gives this sequence (in the batch since
+        ``joined`` steps had started) its next token."""
+        while True:
+            await anyio.lowlevel.checkpoint()
+            now = anyio.current_time()
+            if now >= self._step_end:
+                duration = self._step_seconds()
+                self._step_end = now + duration
+                self._steps += 1
+                self._busy_seconds += duration
+                break
+            if joined < self._steps:
+                break  # this step started with us in the batch
+            # Joined mid-step: wait for the iteration boundary, as vLLM's scheduler does.
+            await anyio.sleep_until(self._step_end)
+        await anyio.sleep_until(self._step_end)
 
     async def generate(
         self,
@@ -246,23 +298,16 @@ class EmulatedEngine(Engine):
         if not pieces:
             self._finished += 1
             return
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
-        self._active += 1
+        joined = await self._admit()
         self._max_active = max(self._max_active, self._active)
         in_batch = True
         try:
             if self.first_token_seconds:
                 await anyio.sleep(self.first_token_seconds)
-            if anyio.current_time() < self._step_end:
-                # Mid-iteration: join the batch at the next step boundary.
-                await anyio.sleep_until(self._step_end)
+                joined = self._steps
             last = len(pieces) - 1
             for i, piece in enumerate(pieces):
-                await self._next_step()
+                await self._next_step(joined)
                 self._tokens += 1
                 if i == last:
                     # Leave before yielding, so the next step is computed without us.
@@ -284,7 +329,7 @@ class EmulatedEngine(Engine):
             "sequences_finished": self._finished,
             "sequences_cancelled": self._cancelled,
             "active_sequences": self._active,
-            "waiting_sequences": self._waiting,
+            "waiting_sequences": len(self._waiters),
             "max_active_sequences": self._max_active,
             "tokens_generated": self._tokens,
             "steps": self._steps,

@@ -30,11 +30,13 @@ earlier prompts so that several interleaved templates can each be resumed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -73,6 +75,25 @@ def default_model_path() -> str:
     return str(gemma.assemble())
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    # llama.cpp reports a line or two while it loads a model whatever ``verbose`` says
+    # ("using full-size SWA cache"): at GGML_LOG_LEVEL_NONE, which llama-cpp-python's log
+    # callback prints to sys.stderr, and from native code straight to descriptor 2.
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        try:
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2 at all
+            yield
+            return
+        try:
+            os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _common_prefix(a: Any, b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -91,9 +112,12 @@ class LlamaCppEngine(Engine):
     gives none. ``ram_cache_bytes``: keep saved states of earlier prompts up to this size
     (``LlamaRAMCache``); ``None`` keeps only the last one (the KV cache itself).
 
-    Loads the model in the constructor (blocking; well under a second for the default).
+    Loads the model in the constructor (blocking; about a second for the default model).
     Raises :class:`alto.PluginError` when llama-cpp-python (or the default model package)
     is not installed, and :class:`LlamaCppError` when the model cannot be loaded.
+
+    One engine serves one event loop kind (trio or asyncio, whichever uses it first: its
+    lock is made for that loop), and one generation at a time.
     """
 
     name = "llamacpp"
@@ -118,22 +142,25 @@ class LlamaCppEngine(Engine):
             ) from exc
         self.model_path = model_path if model_path is not None else default_model_path()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=self.model_path,
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_batch=n_batch,
-                seed=seed,
-                # A full-size sliding-window KV cache: with the default pruned one,
-                # llama.cpp cannot resume a prefix of a model with sliding-window
-                # attention (Gemma 3) and re-evaluates the whole prompt.
-                swa_full=True,
-                verbose=False,
-            )
+            with _quiet_loading():
+                self._llm = llama_cpp.Llama(
+                    model_path=self.model_path,
+                    n_ctx=n_ctx,
+                    n_threads=n_threads,
+                    n_batch=n_batch,
+                    seed=seed,
+                    # A full-size sliding-window KV cache (llama.cpp's context default, which
+                    # llama-server turns off): a pruned one cannot resume a prefix of a model
+                    # with sliding-window attention (Gemma 3) that reaches past the window.
+                    swa_full=True,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise LlamaCppError(f"cannot load {self.model_path!r}: {exc}") from exc
         if ram_cache_bytes is not None:
-            self._llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=ram_cache_bytes))
+            from llama_cpp.llama_cache import LlamaRAMCache
+
+            self._llm.set_cache(LlamaRAMCache(capacity_bytes=ram_cache_bytes))
         self.n_ctx = n_ctx
         # Count what llama.cpp actually evaluates: the first eval() call of a generation
         # is the part of the prompt after the reused prefix, later ones decode tokens.
@@ -144,7 +171,7 @@ class LlamaCppEngine(Engine):
             self._eval_calls.append(len(tokens))
             original_eval(tokens)
 
-        self._llm.eval = counting_eval
+        self._llm.eval = counting_eval  # type: ignore[method-assign]
         self._lock = anyio.Lock()
         self._closed = False
         self._stats: dict[str, float] = dict.fromkeys(
@@ -154,6 +181,7 @@ class LlamaCppEngine(Engine):
                 "generations_failed",
                 "prompt_tokens",
                 "prompt_tokens_reused",
+                "prompt_tokens_restored",
                 "prompt_tokens_evaluated",
                 "completion_tokens",
                 "prompt_seconds",
@@ -178,6 +206,8 @@ class LlamaCppEngine(Engine):
         if self._closed:
             raise LlamaCppError("the engine is closed")
         async with self._lock:
+            if self._closed:  # closed while we queued
+                raise LlamaCppError("the engine is closed")
             send, receive = anyio.create_memory_object_stream[str | BaseException](math.inf)
             stop = threading.Event()
             done = anyio.Event()
@@ -231,7 +261,7 @@ class LlamaCppEngine(Engine):
             if stop.is_set():
                 cancelled = True
                 return
-            pieces = llm.create_completion(
+            pieces: Any = llm.create_completion(
                 prompt,
                 max_tokens=params.max_tokens,
                 temperature=params.temperature,
@@ -264,6 +294,7 @@ class LlamaCppEngine(Engine):
                 stats["prompt_tokens"] += len(prompt_tokens)
                 stats["prompt_tokens_reused"] += reused
                 stats["prompt_tokens_evaluated"] += self._eval_calls[0]
+                stats["prompt_tokens_restored"] += len(prompt_tokens) - reused - self._eval_calls[0]
                 # Every eval() after the prompt's feeds back one sampled token; the last
                 # sampled token is never fed back.
                 stats["completion_tokens"] += len(self._eval_calls)
@@ -288,11 +319,12 @@ class LlamaCppEngine(Engine):
     def statistics(self) -> dict[str, float]:
         """Counters, summed over generations.
 
-        ``prompt_tokens``: prompt tokens of all calls. ``prompt_tokens_reused``: of those,
-        the ones found in the KV cache (the common prefix with what was evaluated last,
-        measured before the call). ``prompt_tokens_evaluated``: the ones llama.cpp actually
-        evaluated (counted at ``Llama.eval``; lower than ``prompt_tokens - reused`` only when
-        the RAM cache restored a longer prefix). ``completion_tokens``: tokens sampled.
+        ``prompt_tokens``: prompt tokens of all calls, which split three ways:
+        ``prompt_tokens_reused``, found in the KV cache (the common prefix with the tokens
+        evaluated last, measured before the call); ``prompt_tokens_restored``, a longer
+        prefix loaded from the RAM cache instead (only with ``ram_cache_bytes``); and
+        ``prompt_tokens_evaluated``, the ones llama.cpp evaluated (counted at
+        ``Llama.eval``). ``completion_tokens``: tokens sampled.
         ``prompt_seconds`` / ``decode_seconds``: wall time to the first piece / after it.
         ``generations``, ``generations_cancelled``, ``generations_failed``.
         """

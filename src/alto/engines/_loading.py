@@ -12,8 +12,9 @@ Errors (all :class:`alto.PluginError`, which names the group and the plugin):
   ones.
 - :class:`alto.PluginError` chained to the ``ImportError`` (or whatever the import raised)
   when the plugin's module cannot be imported, e.g. an optional dependency is missing.
-- :class:`alto.PluginError` chained to the ``TypeError`` when the engine rejects an option
-  (an unknown keyword or a missing required one); the message names the options given.
+- :class:`alto.PluginError` chained to the ``TypeError`` or ``ValueError`` when the engine
+  rejects its options (an unknown or missing keyword, a value out of range); the message
+  names the options given and repeats the engine's complaint.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def load_engine(name: str, **options: Any) -> Engine:
 
     Raises :class:`alto.UnknownPluginError` (the name is not registered; the error lists
     what is) or :class:`alto.PluginError` (the plugin failed to import, is not an
-    :class:`Engine`, or rejected the options). Errors the engine's constructor raises on
-    purpose (for example :class:`alto.AltoError` for a missing model file) pass through.
+    :class:`Engine`, or rejected the options with ``TypeError`` or ``ValueError``). The
+    :class:`alto.AltoError` an engine's constructor raises on purpose (for example when a
+    model file cannot be loaded) passes through.
     """
     eps = _entry_points()
     ep = eps.get(name)
@@ -65,11 +67,11 @@ def load_engine(name: str, **options: Any) -> Engine:
         raise PluginError(ENTRY_POINT_GROUP, name, f"{ep.value!r} is not callable")
     try:
         engine = factory(**options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
+        # TypeError: an unknown or missing keyword; ValueError: an option's value is out
+        # of range (our engines raise it for that, naming the allowed values).
         given = ", ".join(sorted(options)) or "(none)"
-        raise PluginError(
-            ENTRY_POINT_GROUP, name, f"bad options (given: {given}): {exc}"
-        ) from exc
+        raise PluginError(ENTRY_POINT_GROUP, name, f"bad options (given: {given}): {exc}") from exc
     if not isinstance(engine, Engine):
         raise PluginError(
             ENTRY_POINT_GROUP,

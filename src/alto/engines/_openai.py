@@ -146,7 +146,8 @@ class OpenAIEngine(Engine):
         caching, SGLang's radix cache) find shared prefixes themselves.
 
         Raises :class:`OpenAIStatusError` (HTTP error status), :class:`OpenAIConnectionError`
-        (unreachable, or a timeout) or :class:`OpenAIEngineError` (a malformed stream).
+        (unreachable, or a timeout) or :class:`OpenAIEngineError` (a malformed stream, an
+        error event, or a stream that ends without ``data: [DONE]``).
         Closing the iterator early closes the HTTP response, which servers take as an abort.
         """
         client = self._get_client()
@@ -157,16 +158,26 @@ class OpenAIEngine(Engine):
             async with client.stream("POST", path, json=body) as response:
                 await _raise_for_status(response)
                 events = _SSEDecoder()
+                done = False
                 async for line in response.aiter_lines():
                     data = events.feed_line(line)
                     if data is None:
                         continue
                     if data == "[DONE]":
+                        done = True
                         break
                     piece = self._piece(data)
                     if piece:
                         self._pieces += 1
                         yield piece
+                if not done:
+                    # A server that fails after it has sent its 200 can only end the
+                    # stream (llama-cpp-python's server does, for a prompt longer than
+                    # its context): without [DONE] the completion is cut short, not done.
+                    raise OpenAIEngineError(
+                        f"{self.base_url}{path}: the stream ended without [DONE] "
+                        "(the server failed mid-stream; see its log)"
+                    )
         except httpx.TransportError as exc:
             self._failed += 1
             raise OpenAIConnectionError(
