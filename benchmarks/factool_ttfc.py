@@ -40,11 +40,19 @@ async def measure(config: str, questions: list[Question], deploy: str) -> list[d
                 row: dict[str, float] = {}
                 async for r in client.submit(q):
                     t = trio.current_time() - t0
-                    key = {"answer_out": "answer", "claims_out": "first claim", "evidence": "first evidence"}[r.queue]
+                    key = {
+                        "answer_out": "answer",
+                        "claims_out": "first claim",
+                        "evidence": "first evidence",
+                    }[r.queue]
                     row.setdefault(key, t)
                 row["done"] = trio.current_time() - t0
                 rows.append(row)
-                print(f"  {config}: {q.question[:60]!r}: " + ", ".join(f"{k} {v:.2f}s" for k, v in row.items()), file=sys.stderr)
+                print(
+                    f"  {config}: {q.question[:60]!r}: "
+                    + ", ".join(f"{k} {v:.2f}s" for k, v in row.items()),
+                    file=sys.stderr,
+                )
         nursery.cancel_scope.cancel()
     return rows
 
@@ -65,18 +73,27 @@ def main() -> None:
         }
 
     res = trio.run(run)
-    print(f"FacTool pipeline, real Gemma 3 270M (llama.cpp) + BM25 + MiniLM, {len(questions)} SQuAD questions, one at a time")
+    print(
+        f"FacTool pipeline, real Gemma 3 270M (llama.cpp) + BM25 + MiniLM, {len(questions)} SQuAD questions, one at a time"
+    )
     print()
     print("| mode | answer (p50) | first claim (p50) | first evidence (p50) | whole result (p50) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     med = {}
     for mode, rows in res.items():
-        m = {k: statistics.median(r[k] for r in rows if k in r) for k in ("answer", "first claim", "first evidence", "done")}
+        m = {
+            k: statistics.median(r[k] for r in rows if k in r)
+            for k in ("answer", "first claim", "first evidence", "done")
+        }
         med[mode] = m
-        print(f"| {mode} | {m['answer']:.2f} s | {m['first claim']:.2f} s | {m['first evidence']:.2f} s | {m['done']:.2f} s |")
+        print(
+            f"| {mode} | {m['answer']:.2f} s | {m['first claim']:.2f} s | {m['first evidence']:.2f} s | {m['done']:.2f} s |"
+        )
     s, b = med["streaming"], med["baseline"]
     print()
-    print(f"streaming / baseline: first claim {s['first claim'] / b['first claim']:.2f}x, first evidence {s['first evidence'] / b['first evidence']:.2f}x, whole result {s['done'] / b['done']:.2f}x")
+    print(
+        f"streaming / baseline: first claim {s['first claim'] / b['first claim']:.2f}x, first evidence {s['first evidence'] / b['first evidence']:.2f}x, whole result {s['done'] / b['done']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -66,12 +66,16 @@ scheduler = "hash"
 """
 
 
-def frame(kind: int, path: tuple[int, ...], queue: bytes = b"", payload: bytes = b"", flags: int = 0) -> bytes:
+def frame(
+    kind: int, path: tuple[int, ...], queue: bytes = b"", payload: bytes = b"", flags: int = 0
+) -> bytes:
     body = struct.pack(f"<{len(path)}Q", *path) + queue + payload
     return struct.pack("<IBBBBH", 6 + len(body), kind, flags, len(queue), len(path), 0) + body
 
 
-def read_frames(sock: socket.socket, buf: bytearray, end: int) -> tuple[list[tuple[int, int, int]], int]:
+def read_frames(
+    sock: socket.socket, buf: bytearray, end: int
+) -> tuple[list[tuple[int, int, int]], int]:
     """Receive once; return (kind, offset, frame_end) of complete frames and the new end."""
     n = sock.recv_into(memoryview(buf)[end:])
     if n == 0:
@@ -134,7 +138,9 @@ def role_runtime(sock_path: str, pipeline_path: str) -> None:
 
     pipeline = load_pipeline(pipeline_path)
     deploy_path = Path(pipeline_path).with_name("deploy.toml")
-    deploy_path.write_text("[runtime]\ncredits = 4096\nbacklog_limit = 65536\nmax_inflight_requests = 4096\n")
+    deploy_path.write_text(
+        "[runtime]\ncredits = 4096\nbacklog_limit = 65536\nmax_inflight_requests = 4096\n"
+    )
     rt = Runtime(pipeline, load_deployment(deploy_path, pipeline), token=TOKEN)
 
     async def main() -> None:
@@ -249,7 +255,9 @@ def role_consumer(addr: str, out_path: str, direct: bool, expect: int) -> None:
         if direct and count >= expect:
             s.sendall(b"x")
             break
-    Path(out_path).write_text(json.dumps({"count": count, "t_first": t_first, "t_last": t_last, "lat": lat}))
+    Path(out_path).write_text(
+        json.dumps({"count": count, "t_first": t_first, "t_last": t_last, "lat": lat})
+    )
 
 
 # ---------------------------------------------------------------- driver
@@ -270,10 +278,22 @@ def wait_file(p: Path, timeout: float = 30) -> None:
 def run_direct(tmp: Path, frames: int, rate: float) -> dict[str, object]:
     addr = str(tmp / f"direct-{time.monotonic_ns()}.sock")
     out = tmp / f"direct-{time.monotonic_ns()}.json"
-    cons = spawn("--role", "consumer", "--addr", addr, "--out", str(out), "--direct", "--expect", str(frames))
+    cons = spawn(
+        "--role", "consumer", "--addr", addr, "--out", str(out), "--direct", "--expect", str(frames)
+    )
     wait_file(Path(str(out) + ".ready"))
     t0 = time.perf_counter()
-    prod = spawn("--role", "producer", "--addr", addr, "--per-request", str(frames), "--rate", str(rate), "--direct")
+    prod = spawn(
+        "--role",
+        "producer",
+        "--addr",
+        addr,
+        "--per-request",
+        str(frames),
+        "--rate",
+        str(rate),
+        "--direct",
+    )
     prod.wait(300)
     cons.wait(300)
     t1 = time.perf_counter()
@@ -283,7 +303,9 @@ def run_direct(tmp: Path, frames: int, rate: float) -> dict[str, object]:
     return res
 
 
-def run_relay(tmp: Path, requests: int, per_request: int, rate: float, window: int) -> dict[str, object]:
+def run_relay(
+    tmp: Path, requests: int, per_request: int, rate: float, window: int
+) -> dict[str, object]:
     pipe = tmp / "pipeline.toml"
     pipe.write_text(PIPELINE)
     sock_path = str(tmp / f"rt-{time.monotonic_ns()}.sock")
@@ -291,7 +313,16 @@ def run_relay(tmp: Path, requests: int, per_request: int, rate: float, window: i
     wait_file(Path(sock_path))
     outs = [tmp / f"cons{i}-{time.monotonic_ns()}.json" for i in range(2)]
     conss = [spawn("--role", "consumer", "--addr", sock_path, "--out", str(o)) for o in outs]
-    prod = spawn("--role", "producer", "--addr", sock_path, "--per-request", str(per_request), "--rate", str(rate))
+    prod = spawn(
+        "--role",
+        "producer",
+        "--addr",
+        sock_path,
+        "--per-request",
+        str(per_request),
+        "--rate",
+        str(rate),
+    )
     time.sleep(1.5)  # let them register
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     c.connect(sock_path)
@@ -377,12 +408,18 @@ def main() -> None:
     r_fps = float(relay["count"]) / float(relay["wall"])  # type: ignore[arg-type]
     dl: list[int] = direct_lat["lat"]  # type: ignore[assignment]
     rl: list[int] = relay_lat["lat"]  # type: ignore[assignment]
-    print(f"alto relay benchmark ({os.cpu_count()} cores, {PAYLOAD}-byte payloads, frames of {4 + 6 + 16 + 5 + PAYLOAD} bytes)")
+    print(
+        f"alto relay benchmark ({os.cpu_count()} cores, {PAYLOAD}-byte payloads, frames of {4 + 6 + 16 + 5 + PAYLOAD} bytes)"
+    )
     print()
     print("| path | frames | seconds | frames/s | share of direct |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| direct, one UNIX socket | {direct['count']} | {float(direct['wall']):.2f} | {d_fps:,.0f} | 1.00 |")  # type: ignore[arg-type]
-    print(f"| through the runtime (hash on key path, credits, acks, group close) | {relay['count']} | {float(relay['wall']):.2f} | {r_fps:,.0f} | {r_fps / d_fps:.3f} (1/{d_fps / r_fps:.1f}) |")  # type: ignore[arg-type]
+    print(
+        f"| direct, one UNIX socket | {direct['count']} | {float(direct['wall']):.2f} | {d_fps:,.0f} | 1.00 |"
+    )  # type: ignore[arg-type]
+    print(
+        f"| through the runtime (hash on key path, credits, acks, group close) | {relay['count']} | {float(relay['wall']):.2f} | {r_fps:,.0f} | {r_fps / d_fps:.3f} (1/{d_fps / r_fps:.1f}) |"
+    )  # type: ignore[arg-type]
     print()
     print(f"One-way latency at {a.latency_rate:,.0f} frames/s (microseconds)")
     print()
@@ -390,13 +427,17 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     print(f"| direct | {len(dl)} | {pct(dl, 0.5):.1f} | {pct(dl, 0.99):.1f} |")
     print(f"| through the runtime | {len(rl)} | {pct(rl, 0.5):.1f} | {pct(rl, 0.99):.1f} |")
-    print(f"| added by the hop | | {pct(rl, 0.5) - pct(dl, 0.5):.1f} | {pct(rl, 0.99) - pct(dl, 0.99):.1f} |")
+    print(
+        f"| added by the hop | | {pct(rl, 0.5) - pct(dl, 0.5):.1f} | {pct(rl, 0.99) - pct(dl, 0.99):.1f} |"
+    )
     print()
     ok_fps = r_fps >= 300_000
     ok_ratio = r_fps >= d_fps / 8
     ok_lat = pct(rl, 0.99) - pct(dl, 0.99) < 500
-    print(f"targets: >= 300k frames/s: {'met' if ok_fps else 'MISSED'}; >= 1/8 of direct: {'met' if ok_ratio else 'MISSED'}; "
-          f"added p99 < 500 us at {a.latency_rate:,.0f}/s: {'met' if ok_lat else 'MISSED'}")
+    print(
+        f"targets: >= 300k frames/s: {'met' if ok_fps else 'MISSED'}; >= 1/8 of direct: {'met' if ok_ratio else 'MISSED'}; "
+        f"added p99 < 500 us at {a.latency_rate:,.0f}/s: {'met' if ok_lat else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

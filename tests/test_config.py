@@ -445,6 +445,8 @@ def test_fan_out_depths_add_up(tmp_path: Path) -> None:
 
 
 def test_a_stateful_stage_cannot_be_idempotent(tmp_path: Path) -> None:
-    err = pipeline_error(tmp_path, replace("aggregate_level = 1", "aggregate_level = 1\nidempotent = true"))
+    err = pipeline_error(
+        tmp_path, replace("aggregate_level = 1", "aggregate_level = 1\nidempotent = true")
+    )
     assert err.key == "stages.total.idempotent"
     assert "group state" in err.message

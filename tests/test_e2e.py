@@ -25,7 +25,17 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_pipeline(tmp_path: Path, *, delay: float = 0.0, square_entry: str = "alto.examples.demo:square", generate_instances: int = 2, square_instances: int = 3, total_instances: int = 2, credits: int = 64, max_inflight: int = 1024) -> tuple[Path, Path]:
+def write_pipeline(
+    tmp_path: Path,
+    *,
+    delay: float = 0.0,
+    square_entry: str = "alto.examples.demo:square",
+    generate_instances: int = 2,
+    square_instances: int = 3,
+    total_instances: int = 2,
+    credits: int = 64,
+    max_inflight: int = 1024,
+) -> tuple[Path, Path]:
     text = (ROOT / "configs" / "demo.toml").read_text()
     text = text.replace("options = { delay = 0.05 }", f"options = {{ delay = {delay} }}")
     text = text.replace('entry = "alto.examples.demo:square"', f'entry = "{square_entry}"')
@@ -45,7 +55,12 @@ def write_pipeline(tmp_path: Path, *, delay: float = 0.0, square_entry: str = "a
 async def start(nursery: trio.Nursery, pipeline: Path, deploy: Path) -> alto.ServeInfo:
     info: alto.ServeInfo = await nursery.start(
         lambda task_status: alto.serve(
-            pipeline, deploy, http=None, write_discovery=False, handle_signals=False, task_status=task_status
+            pipeline,
+            deploy,
+            http=None,
+            write_discovery=False,
+            handle_signals=False,
+            task_status=task_status,
         )
     )
     return info
@@ -55,8 +70,14 @@ def expected(n: int) -> int:
     return sum(i * i for i in range(n))
 
 
-async def run_many(info: alto.ServeInfo, values: list[int], results: dict[int, list[alto.Result]], errors: dict[int, str]) -> None:
+async def run_many(
+    info: alto.ServeInfo,
+    values: list[int],
+    results: dict[int, list[alto.Result]],
+    errors: dict[int, str],
+) -> None:
     async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
+
         async def one(i: int, v: int) -> None:
             try:
                 results[i] = await client.run(Number(value=v))
@@ -68,20 +89,26 @@ async def run_many(info: alto.ServeInfo, values: list[int], results: dict[int, l
                 n.start_soon(one, i, v)
 
 
-def check_results(values: list[int], results: dict[int, list[alto.Result]]) -> collections.Counter[int]:
+def check_results(
+    values: list[int], results: dict[int, list[alto.Result]]
+) -> collections.Counter[int]:
     squares_by_instance: collections.Counter[int] = collections.Counter()
     for i, v in enumerate(values):
         rs = results[i]
         totals = [r.message for r in rs if r.queue == "totals"]
         partials = [r for r in rs if r.queue == "partials"]
-        assert len(totals) == 1, f"request {i}: {len(totals)} totals (a split group emits more than one)"
+        assert len(totals) == 1, (
+            f"request {i}: {len(totals)} totals (a split group emits more than one)"
+        )
         t = totals[0]
         assert isinstance(t, Total)
         assert t.total == expected(v) and t.count == v, (i, v, t)
         # each item exactly once: key paths [rid, child] with children 0..v-1
         children = sorted(r.key_path[1] for r in partials)
         assert children == list(range(v)), (i, children)
-        assert sorted(r.message.value for r in partials if isinstance(r.message, Square)) == sorted(x * x for x in range(v))
+        assert sorted(r.message.value for r in partials if isinstance(r.message, Square)) == sorted(
+            x * x for x in range(v)
+        )
         for r in partials:
             assert isinstance(r.message, Square)
             squares_by_instance[r.message.instance] += 1
@@ -133,7 +160,16 @@ async def test_scale_aggregator_while_requests_in_flight(tmp_path: Path) -> None
             pinned_before = dict(rt.pinned_groups()["total"])
             await rt.scale("total", 3)
             with trio.fail_after(60):
-                while len([i for i in rt.statistics().instances if i.stage == "total" and i.state == "ready"]) < 3:
+                while (
+                    len(
+                        [
+                            i
+                            for i in rt.statistics().instances
+                            if i.stage == "total" and i.state == "ready"
+                        ]
+                    )
+                    < 3
+                ):
                     await trio.sleep(0.02)
             # groups opened before the scale-up stay where they were
             now = rt.pinned_groups()["total"]
@@ -153,7 +189,9 @@ async def test_scale_aggregator_while_requests_in_flight(tmp_path: Path) -> None
     check_results(values, results)
     states = {i.instance_id: i.state for i in stats.instances}
     assert states[first_total_ids[0]] == "stopped"
-    totals_seen = {r.message.instance for rs in results.values() for r in rs if isinstance(r.message, Total)}
+    totals_seen = {
+        r.message.instance for rs in results.values() for r in rs if isinstance(r.message, Total)
+    }
     assert len(totals_seen) >= 2
     assert stats.scale_events == 2
 
@@ -171,13 +209,17 @@ async def failing_square(msg: object, ctx: alto.Context) -> None:
 
 async def test_stage_error_and_crash_fail_only_their_requests(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    pipeline, deploy = write_pipeline(tmp_path, square_entry="test_e2e:failing_square", generate_instances=1)
+    pipeline, deploy = write_pipeline(
+        tmp_path, square_entry="test_e2e:failing_square", generate_instances=1
+    )
     env_pp = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = str(Path(__file__).parent) + (os.pathsep + env_pp if env_pp else "")
     try:
         async with trio.open_nursery() as nursery:
             info = await start(nursery, pipeline, deploy)
-            async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
+            async with alto.open_client(
+                address="unix:" + info.socket_path, token=info.token
+            ) as client:
                 ok = await client.run(Number(value=3))  # items 0, 1, 2: fine
                 assert [r.message.total for r in ok if isinstance(r.message, Total)] == [5]
                 with pytest.raises(alto.RequestFailed) as err:
@@ -209,11 +251,19 @@ async def crash_once_square(msg: object, ctx: alto.Context) -> None:
     await ctx.write("partials", Square(value=value * value, instance=ctx.instance))
 
 
-async def test_idempotent_stage_retries_work_of_a_crashed_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pipeline, deploy = write_pipeline(tmp_path, square_entry="test_e2e:crash_once_square", generate_instances=1)
-    text = pipeline.read_text().replace('scheduler = "least-outstanding"', 'scheduler = "least-outstanding"\nidempotent = true', 1)
+async def test_idempotent_stage_retries_work_of_a_crashed_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline, deploy = write_pipeline(
+        tmp_path, square_entry="test_e2e:crash_once_square", generate_instances=1
+    )
+    text = pipeline.read_text().replace(
+        'scheduler = "least-outstanding"', 'scheduler = "least-outstanding"\nidempotent = true', 1
+    )
     pipeline.write_text(text)
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv(
+        "PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     monkeypatch.setenv("ALTO_TEST_MARKER", str(tmp_path / "crashed"))
     values = [8, 3, 6, 7, 2]
     results: dict[int, list[alto.Result]] = {}
@@ -233,7 +283,9 @@ async def test_idempotent_stage_retries_work_of_a_crashed_instance(tmp_path: Pat
 
 
 async def test_wrong_token_is_refused(tmp_path: Path) -> None:
-    pipeline, deploy = write_pipeline(tmp_path, generate_instances=1, square_instances=1, total_instances=1)
+    pipeline, deploy = write_pipeline(
+        tmp_path, generate_instances=1, square_instances=1, total_instances=1
+    )
     async with trio.open_nursery() as nursery:
         info = await start(nursery, pipeline, deploy)
         with pytest.raises(alto.AuthenticationError):
@@ -243,12 +295,20 @@ async def test_wrong_token_is_refused(tmp_path: Path) -> None:
 
 
 async def test_overload_is_refused_not_queued(tmp_path: Path) -> None:
-    pipeline, deploy = write_pipeline(tmp_path, delay=0.2, generate_instances=1, square_instances=1, total_instances=1, max_inflight=2)
+    pipeline, deploy = write_pipeline(
+        tmp_path,
+        delay=0.2,
+        generate_instances=1,
+        square_instances=1,
+        total_instances=1,
+        max_inflight=2,
+    )
     async with trio.open_nursery() as nursery:
         info = await start(nursery, pipeline, deploy)
         refused = 0
         done = 0
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
+
             async def one() -> None:
                 nonlocal refused, done
                 try:

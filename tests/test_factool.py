@@ -14,15 +14,17 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("bm25s")
 
-from alto.factool.factool_pb2 import Answer, Claim, Evidence, Question  # noqa: E402
-from alto.retrieval import load_questions  # noqa: E402
+from alto.factool.factool_pb2 import Answer, Claim, Evidence, Question
+from alto.retrieval import load_questions
 
 pytestmark = [pytest.mark.slow, pytest.mark.llm]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def run_pipeline(config: str, questions: list[Question]) -> tuple[list[list[alto.Result]], dict[str, object]]:
+async def run_pipeline(
+    config: str, questions: list[Question]
+) -> tuple[list[list[alto.Result]], dict[str, object]]:
     results: list[list[alto.Result]] = []
     async with trio.open_nursery() as nursery:
         info: alto.ServeInfo = await nursery.start(
@@ -42,7 +44,10 @@ async def run_pipeline(config: str, questions: list[Question]) -> tuple[list[lis
                     results.append(await client.run(q))
         stats = info.runtime.statistics()
         nursery.cancel_scope.cancel()
-    return results, {"failed": stats.requests_failed, "open": sum(i.open_groups for i in stats.instances)}
+    return results, {
+        "failed": stats.requests_failed,
+        "open": sum(i.open_groups for i in stats.instances),
+    }
 
 
 def check_request(rs: list[alto.Result]) -> tuple[list[Claim], list[Evidence]]:

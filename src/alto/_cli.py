@@ -1,9 +1,9 @@
 """The ``alto`` command line.
 
-    alto serve PIPELINE.toml [--deploy DEPLOY.toml] [--tcp HOST:PORT] [--http HOST:PORT | --no-http] [--token T]
-    alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N]
-    alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T
-    alto status | scale STAGE N | top      (talk to the HTTP control plane)
+alto serve PIPELINE.toml [--deploy DEPLOY.toml] [--tcp HOST:PORT] [--http HOST:PORT | --no-http] [--token T]
+alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N]
+alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T
+alto status | scale STAGE N | top      (talk to the HTTP control plane)
 """
 
 from __future__ import annotations
@@ -41,7 +41,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"alto: dashboard and API at {info.http_url}/", file=sys.stderr)
         print(f"alto: submit with: alto submit {info.pipeline} '<json input>'", file=sys.stderr)
 
-    trio.run(lambda: serve(args.pipeline, args.deploy, tcp=args.tcp, http=None if args.no_http else args.http, token=args.token, on_ready=ready))
+    trio.run(
+        lambda: serve(
+            args.pipeline,
+            args.deploy,
+            tcp=args.tcp,
+            http=None if args.no_http else args.http,
+            token=args.token,
+            on_ready=ready,
+        )
+    )
     return 0
 
 
@@ -55,7 +64,7 @@ def _inputs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.squad:
         from .retrieval import load_questions
 
-        qs = load_questions()[:: 97][: args.squad]  # spread over the dev set's articles
+        qs = load_questions()[::97][: args.squad]  # spread over the dev set's articles
         items.extend({"id": q.id, "question": q.question, "gold_pid": q.gold_pid} for q in qs)
     if not items:
         raise AltoError("nothing to submit: give JSON inputs or --file")
@@ -69,7 +78,9 @@ def _pretty(out: Any, width: int = 150) -> str:
     parts = []
     for k, v in out.items():
         if k == "passages" and isinstance(v, list):
-            parts.append("evidence: " + "; ".join(f"{p.get('id', '?')} ({p.get('score', 0):.2f})" for p in v))
+            parts.append(
+                "evidence: " + "; ".join(f"{p.get('id', '?')} ({p.get('score', 0):.2f})" for p in v)
+            )
         elif k not in ("questionId", "embedding"):
             parts.append(f"{k}: {v}")
     text = " | ".join(parts)
@@ -98,12 +109,27 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                     msg = json_format.ParseDict(data, typ())
                     try:
                         async for r in client.submit(msg):
-                            out = json_format.MessageToDict(r.message) if not isinstance(r.message, bytes) else r.message.hex()
+                            out = json_format.MessageToDict(r.message)
                             t = trio.current_time() - t0
                             if args.pretty:
-                                print(f"{t:7.2f}s  request {r.request_id:<3} {r.queue:<12} {list(r.key_path)!s:<12} {_pretty(out)}", flush=True)
+                                print(
+                                    f"{t:7.2f}s  request {r.request_id:<3} {r.queue:<12} {list(r.key_path)!s:<12} {_pretty(out)}",
+                                    flush=True,
+                                )
                             else:
-                                print(json.dumps({"input": i, "request": r.request_id, "t": round(t, 3), "queue": r.queue, "key_path": list(r.key_path), "output": out}), flush=True)
+                                print(
+                                    json.dumps(
+                                        {
+                                            "input": i,
+                                            "request": r.request_id,
+                                            "t": round(t, 3),
+                                            "queue": r.queue,
+                                            "key_path": list(r.key_path),
+                                            "output": out,
+                                        }
+                                    ),
+                                    flush=True,
+                                )
                     except AltoError as exc:
                         failures += 1
                         print(json.dumps({"input": i, "error": str(exc)}), flush=True)
@@ -112,7 +138,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                         if args.pretty:
                             print(f"{t:7.2f}s  input {i} done", flush=True)
                         else:
-                            print(json.dumps({"input": i, "done": True, "t": round(t, 3)}), flush=True)
+                            print(
+                                json.dumps({"input": i, "done": True, "t": round(t, 3)}), flush=True
+                            )
 
             async with trio.open_nursery() as n:
                 for i, data in enumerate(inputs):
@@ -165,25 +193,45 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alto", description="Serve compound AI pipelines with partial-output streaming.")
+    p = argparse.ArgumentParser(
+        prog="alto", description="Serve compound AI pipelines with partial-output streaming."
+    )
     p.add_argument("--log-level", default=os.environ.get("ALTO_LOG_LEVEL", "INFO"))
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run a pipeline: the runtime, its instances and the HTTP control plane")
+    s = sub.add_parser(
+        "serve", help="run a pipeline: the runtime, its instances and the HTTP control plane"
+    )
     s.add_argument("pipeline", help="pipeline file (TOML)")
     s.add_argument("--deploy", help="deployment file (TOML): instances per stage, runtime limits")
-    s.add_argument("--tcp", help="also accept instances and clients on HOST:PORT (needs a token off loopback)")
-    s.add_argument("--http", default=DEFAULT_HTTP, help=f"control plane address (default {DEFAULT_HTTP})")
+    s.add_argument(
+        "--tcp", help="also accept instances and clients on HOST:PORT (needs a token off loopback)"
+    )
+    s.add_argument(
+        "--http", default=DEFAULT_HTTP, help=f"control plane address (default {DEFAULT_HTTP})"
+    )
     s.add_argument("--no-http", action="store_true", help="do not start the control plane")
-    s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"), help="shared token (default: ALTO_TOKEN, else random)")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("ALTO_TOKEN"),
+        help="shared token (default: ALTO_TOKEN, else random)",
+    )
     s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser("submit", help="submit requests and stream their results as JSON lines")
     s.add_argument("pipeline", help="pipeline name or file")
     s.add_argument("inputs", nargs="*", help="JSON inputs (the input queue's message as JSON)")
     s.add_argument("--file", help="a JSON-lines file of inputs")
-    s.add_argument("--squad", type=int, default=0, metavar="N", help="also submit N SQuAD dev questions (FacTool's input type)")
-    s.add_argument("--pretty", action="store_true", help="one readable line per result instead of JSON")
+    s.add_argument(
+        "--squad",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also submit N SQuAD dev questions (FacTool's input type)",
+    )
+    s.add_argument(
+        "--pretty", action="store_true", help="one readable line per result instead of JSON"
+    )
     s.add_argument("--concurrency", type=int, default=16)
     s.add_argument("--address", help="unix:/path or HOST:PORT (default: the discovery file)")
     s.add_argument("--token", default=None)
@@ -196,9 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=None)
     s.set_defaults(fn=_cmd_worker)
 
-    for name, fn, helptext in (("status", _cmd_status, "table of stages and instances"), ("top", _cmd_top, "live view of queue depths")):
+    for name, fn, helptext in (
+        ("status", _cmd_status, "table of stages and instances"),
+        ("top", _cmd_top, "live view of queue depths"),
+    ):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--url", help=f"control plane URL (default ALTO_URL or http://{DEFAULT_HTTP})")
+        s.add_argument(
+            "--url", help=f"control plane URL (default ALTO_URL or http://{DEFAULT_HTTP})"
+        )
         s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
         if name == "top":
             s.add_argument("--iterations", type=int, default=None, help="stop after N updates")
@@ -219,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call is noise here
     try:
         code = args.fn(args)

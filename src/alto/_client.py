@@ -24,7 +24,13 @@ import trio
 from google.protobuf.message import Message
 
 from ._config import resolve
-from ._errors import AuthenticationError, OverloadedError, RemoteProtocolError, RequestFailed, RuntimeUnavailable
+from ._errors import (
+    AuthenticationError,
+    OverloadedError,
+    RemoteProtocolError,
+    RequestFailed,
+    RuntimeUnavailable,
+)
 from ._serve import read_discovery
 from .dataplane._frames import NEED_DATA, Frame, FrameDecoder, FrameKind, encode
 
@@ -56,18 +62,28 @@ class Client:
         self._closed = False
 
     async def _handshake(self) -> None:
-        await self._stream.send_all(encode(FrameKind.HELLO, [0], payload=json.dumps({"token": self._token, "role": "client"}).encode()))
+        await self._stream.send_all(
+            encode(
+                FrameKind.HELLO,
+                [0],
+                payload=json.dumps({"token": self._token, "role": "client"}).encode(),
+            )
+        )
         frame = await self._next_frame()
         if frame is None:
             raise AuthenticationError("the runtime closed the connection during the handshake")
         if frame.kind == FrameKind.REFUSED:
-            raise AuthenticationError(f"the runtime refused the connection: {frame.payload.decode()}")
+            raise AuthenticationError(
+                f"the runtime refused the connection: {frame.payload.decode()}"
+            )
         if frame.kind != FrameKind.WELCOME:
             raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
         body = json.loads(frame.payload)
         self.pipeline = body["pipeline"]
         self.input_queue = body["input"]
-        self._types = {q: resolve(t, what="message type") for q, t in body.get("queues", {}).items()}
+        self._types = {
+            q: resolve(t, what="message type") for q, t in body.get("queues", {}).items()
+        }
 
     async def _next_frame(self) -> Frame | None:
         while True:
@@ -77,7 +93,7 @@ class Client:
                     data = await self._stream.receive_some(256 * 1024)
                 except trio.BrokenResourceError:
                     data = b""
-                self._decoder.receive_data(data)
+                self._decoder.receive_data(bytes(data))
                 continue
             assert ev is None or isinstance(ev, Frame)
             return ev
@@ -106,7 +122,11 @@ class Client:
                 elif k in (FrameKind.DONE, FrameKind.ERROR):
                     ch = self._by_rid.pop(frame.key_path[0], None)
                     if ch is not None:
-                        ch.send_nowait(("done", None) if k == FrameKind.DONE else ("error", frame.payload.decode()))
+                        ch.send_nowait(
+                            ("done", None)
+                            if k == FrameKind.DONE
+                            else ("error", frame.payload.decode())
+                        )
         finally:
             self._closed = True
             for ch in [*self._pending.values(), *self._by_rid.values()]:
@@ -133,7 +153,9 @@ class Client:
         send, recv = trio.open_memory_channel[Any](math.inf)
         self._pending[corr] = send
         async with self._send_lock:
-            await self._stream.send_all(encode(FrameKind.SUBMIT, [corr], self.input_queue, message.SerializeToString()))
+            await self._stream.send_all(
+                encode(FrameKind.SUBMIT, [corr], self.input_queue, message.SerializeToString())
+            )
         rid = 0
         async with recv:
             async for kind, value in recv:

@@ -193,11 +193,12 @@ class _Table:
     def table(self, k: str, default: Any = ...) -> dict[str, Any]:
         return dict(self.get(k, dict, default, what="a table"))
 
-    def positive(self, k: str, default: Any = ..., minimum: int = 1) -> int:
+    def positive(self, k: str, default: Any = ..., minimum: int = 1) -> Any:
+        """An int >= ``minimum`` (or the default, which may be None)."""
         v = self.get(k, int, default)
         if v is not None and v < minimum:
             raise ConfigError(self.path, self.key(k), f"must be >= {minimum}, got {v}")
-        return int(v) if v is not None else v
+        return v
 
 
 def _read(path: str | Path) -> tuple[str, dict[str, Any]]:
@@ -286,14 +287,24 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         stateful = t.get("stateful", bool, False)
         level = t.positive("aggregate_level", None)
         if level is not None and not stateful:
-            raise ConfigError(p, t.key("aggregate_level"), "only stateful stages aggregate; set stateful = true")
+            raise ConfigError(
+                p, t.key("aggregate_level"), "only stateful stages aggregate; set stateful = true"
+            )
         if stateful and level is None:
-            raise ConfigError(p, t.key("aggregate_level"), "missing: a stateful stage needs its aggregation level")
+            raise ConfigError(
+                p, t.key("aggregate_level"), "missing: a stateful stage needs its aggregation level"
+            )
         if stateful and t.get("idempotent", bool, False):
-            raise ConfigError(p, t.key("idempotent"), "a stateful stage cannot be retried elsewhere: its group state dies with the instance")
+            raise ConfigError(
+                p,
+                t.key("idempotent"),
+                "a stateful stage cannot be retried elsewhere: its group state dies with the instance",
+            )
         backend = t.get("backend", str, "trio")
         if backend not in BACKENDS:
-            raise ConfigError(p, t.key("backend"), f"got {backend!r}; allowed: {', '.join(BACKENDS)}")
+            raise ConfigError(
+                p, t.key("backend"), f"got {backend!r}; allowed: {', '.join(BACKENDS)}"
+            )
         raw[sname] = dict(
             name=sname,
             entry=entry,
@@ -302,7 +313,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             fanout=t.get("fanout", bool, False),
             stateful=stateful,
             aggregate_level=level,
-            scheduler=t.get("scheduler", str, "consistent-hash" if stateful else "least-outstanding"),
+            scheduler=t.get(
+                "scheduler", str, "consistent-hash" if stateful else "least-outstanding"
+            ),
             scheduler_options=t.table("scheduler_options", {}),
             gpus=t.positive("gpus", 0, minimum=0),
             idempotent=t.get("idempotent", bool, False),
@@ -317,7 +330,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if q != input_q and q not in producers:
             raise ConfigError(p, f"queues.{q}", "no stage writes this queue")
         if q not in outputs and q != input_q and q not in consumer:
-            raise ConfigError(p, f"queues.{q}", "no stage reads this queue and it is not a pipeline output")
+            raise ConfigError(
+                p, f"queues.{q}", "no stage reads this queue and it is not a pipeline output"
+            )
 
     # Topological order and key-path depths (Kahn's algorithm); a leftover stage is a cycle.
     indeg = {s: 0 for s in raw}
@@ -348,7 +363,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         depths = {depth_of_queue[q] for q in d["inputs"] if q in depth_of_queue}
         missing = [q for q in d["inputs"] if q not in depth_of_queue]
         if missing:  # an input queue with no producer upstream of the ingress
-            raise ConfigError(p, f"stages.{s}.inputs", f"queue {missing[0]!r} is never reached from the input")
+            raise ConfigError(
+                p, f"stages.{s}.inputs", f"queue {missing[0]!r} is never reached from the input"
+            )
         if len(depths) != 1:
             raise ConfigError(
                 p, f"stages.{s}.inputs",
@@ -366,7 +383,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         out_depth = depth + 1 if d["fanout"] else depth
         for q in d["outputs"]:
             if depth_of_queue.setdefault(q, out_depth) != out_depth:
-                raise ConfigError(p, f"stages.{s}.outputs", f"queue {q!r} is written at two fan-out depths")
+                raise ConfigError(
+                    p, f"stages.{s}.outputs", f"queue {q!r} is written at two fan-out depths"
+                )
         stages[s] = StageConfig(**d, input_depth=depth)
 
     return PipelineConfig(
@@ -389,7 +408,9 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
     top = _Table(p, "", data)
     top.check_keys(("runtime", "stages"))
     rt = _Table(p, "runtime", top.table("runtime", {}))
-    rt.check_keys(("credits", "max_inflight_requests", "backlog_limit", "max_frame_size", "stop_timeout"))
+    rt.check_keys(
+        ("credits", "max_inflight_requests", "backlog_limit", "max_frame_size", "stop_timeout")
+    )
     d = RuntimeLimits()
     limits = RuntimeLimits(
         credits=rt.positive("credits", d.credits),

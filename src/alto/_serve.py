@@ -57,7 +57,9 @@ def read_discovery(pipeline: str) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(p.read_text())
     except FileNotFoundError:
-        raise RuntimeUnavailable(f"no running pipeline {pipeline!r} (no {p}); start it with alto serve") from None
+        raise RuntimeUnavailable(
+            f"no running pipeline {pipeline!r} (no {p}); start it with alto serve"
+        ) from None
     return data
 
 
@@ -106,13 +108,31 @@ async def serve(
     user_token = token or os.environ.get("ALTO_TOKEN")
     for flag, addr in (("--tcp", tcp), ("--http", http)):
         if addr and not _is_loopback(parse_hostport(addr, flag)[0]) and not user_token:
-            raise ConfigError("<command line>", flag, f"refusing to listen on non-loopback {addr} without a token (--token or ALTO_TOKEN)")
+            raise ConfigError(
+                "<command line>",
+                flag,
+                f"refusing to listen on non-loopback {addr} without a token (--token or ALTO_TOKEN)",
+            )
     token = user_token or secrets.token_urlsafe(24)
     sockdir = Path(tempfile.mkdtemp(prefix="alto-"))  # mkdtemp creates it with mode 0700
     sock_path = str(sockdir / "runtime.sock")
     disc = discovery_path(pipeline.name)
     try:
-        await _serve(pipeline, deployment, sock_path, tcp, http, token, user_token, ready_timeout, write_discovery, handle_signals, on_ready, disc, task_status)
+        await _serve(
+            pipeline,
+            deployment,
+            sock_path,
+            tcp,
+            http,
+            token,
+            user_token,
+            ready_timeout,
+            write_discovery,
+            handle_signals,
+            on_ready,
+            disc,
+            task_status,
+        )
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
         if write_discovery:
@@ -168,8 +188,12 @@ async def _serve(
             if launcher is not None:
                 launcher.stop(iid)
 
-        runtime = Runtime(pipeline, deployment, token=token, spawn=spawn, stop_instance=stop_instance)
-        launcher = LocalLauncher(pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited)
+        runtime = Runtime(
+            pipeline, deployment, token=token, spawn=spawn, stop_instance=stop_instance
+        )
+        launcher = LocalLauncher(
+            pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited
+        )
         try:
             await nursery.start(runtime.serve, listeners)
             if handle_signals:
@@ -179,19 +203,33 @@ async def _serve(
                     await launcher.spawn(name, runtime.new_instance_id(name))
             with trio.move_on_after(ready_timeout) as scope:
                 while any(i.state == InstanceState.STARTING for i in runtime.instances.values()):
-                    crashed = [i for i in runtime.instances.values() if i.state == InstanceState.CRASHED]
+                    crashed = [
+                        i for i in runtime.instances.values() if i.state == InstanceState.CRASHED
+                    ]
                     if crashed:
-                        raise AltoError(f"instance {crashed[0].stage.name}/{crashed[0].id} failed to start: {crashed[0].last_error}")
+                        raise AltoError(
+                            f"instance {crashed[0].stage.name}/{crashed[0].id} failed to start: {crashed[0].last_error}"
+                        )
                     await trio.sleep(0.05)
             if scope.cancelled_caught:
-                late = [f"{i.stage.name}/{i.id}" for i in runtime.instances.values() if i.state == InstanceState.STARTING]
-                raise AltoError(f"instances did not register within {ready_timeout} s: {', '.join(late)}")
+                late = [
+                    f"{i.stage.name}/{i.id}"
+                    for i in runtime.instances.values()
+                    if i.state == InstanceState.STARTING
+                ]
+                raise AltoError(
+                    f"instances did not register within {ready_timeout} s: {', '.join(late)}"
+                )
             http_url = None
             if http:
                 from .control import serve_control
 
                 host, port = parse_hostport(http, "--http")
-                bound = await nursery.start(lambda task_status: serve_control(runtime, host, port, token=user_token, task_status=task_status))
+                bound = await nursery.start(
+                    lambda task_status: serve_control(
+                        runtime, host, port, token=user_token, task_status=task_status
+                    )
+                )
                 http_url = f"http://{host}:{bound}"
             info = ServeInfo(pipeline.name, sock_path, tcp_address, http_url, token, runtime)
             if write_discovery:
@@ -199,9 +237,25 @@ async def _serve(
                 tmp = disc.with_suffix(".tmp")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as f:
-                    json.dump({"pipeline": pipeline.name, "socket": sock_path, "tcp": tcp_address, "http": http_url, "token": token, "pid": os.getpid()}, f)
+                    json.dump(
+                        {
+                            "pipeline": pipeline.name,
+                            "socket": sock_path,
+                            "tcp": tcp_address,
+                            "http": http_url,
+                            "token": token,
+                            "pid": os.getpid(),
+                        },
+                        f,
+                    )
                 os.replace(tmp, disc)
-            log.info("pipeline %r ready: socket %s%s%s", pipeline.name, sock_path, f", tcp {tcp_address}" if tcp_address else "", f", http {http_url}" if http_url else "")
+            log.info(
+                "pipeline %r ready: socket %s%s%s",
+                pipeline.name,
+                sock_path,
+                f", tcp {tcp_address}" if tcp_address else "",
+                f", http {http_url}" if http_url else "",
+            )
             if on_ready is not None:
                 on_ready(info)
             task_status.started(info)

@@ -115,7 +115,9 @@ class Context:
     def _error(self, message: str) -> StageError:
         return StageError(self._info.name, self._info.instance, message)
 
-    def _encode(self, queue: str, obj: Message, path: Sequence[int], prompt_key: str | None, flags: int) -> bytes:
+    def _encode(
+        self, queue: str, obj: Message, path: Sequence[int], prompt_key: str | None, flags: int
+    ) -> bytes:
         typ = self._queue_type(queue)
         if not isinstance(obj, typ):
             raise self._error(
@@ -167,7 +169,9 @@ class Context:
                 )
             await self._out.send(self._encode(queue, obj, path, prompt_key, 0))
         elif self._info.fanout:
-            await self._out.send(self._encode(queue, obj, self._new_child(), prompt_key, FrameFlags.LAST))
+            await self._out.send(
+                self._encode(queue, obj, self._new_child(), prompt_key, FrameFlags.LAST)
+            )
         else:
             if id is not None and id != self.request_id:
                 raise self._error(f"id={id} is not this input's request id {self.request_id}")
@@ -235,7 +239,9 @@ class StageHandler:
             try:
                 self._obj = entry(**options)
             except TypeError as exc:
-                raise StageError(name, None, f"cannot build {entry.__name__} from options {options}: {exc}") from exc
+                raise StageError(
+                    name, None, f"cannot build {entry.__name__} from options {options}: {exc}"
+                ) from exc
             if not callable(getattr(self._obj, "process", None)):
                 raise StageError(name, None, f"{entry.__name__} has no process(msg, ctx) method")
             self._fn = self._obj.process
@@ -245,9 +251,13 @@ class StageHandler:
                 raise StageError(name, None, "options are only for class entry points")
             self._fn = entry
         else:
-            raise StageError(name, None, f"entry {entry!r} is neither an async function nor a class")
+            raise StageError(
+                name, None, f"entry {entry!r} is neither an async function nor a class"
+            )
         if stateful and self._closed is None:
-            raise StageError(name, None, "a stateful stage's entry must be a class with group_closed(ctx)")
+            raise StageError(
+                name, None, "a stateful stage's entry must be a class with group_closed(ctx)"
+            )
 
     async def setup(self) -> None:
         fn = getattr(self._obj, "setup", None)

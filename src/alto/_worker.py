@@ -76,7 +76,9 @@ async def connect(address: str) -> ByteStream:
     return await anyio.connect_tcp(host.strip("[]"), int(port))
 
 
-async def handshake(stream: ByteStream, hello: dict[str, Any], decoder: FrameDecoder) -> dict[str, Any]:
+async def handshake(
+    stream: ByteStream, hello: dict[str, Any], decoder: FrameDecoder
+) -> dict[str, Any]:
     """Send HELLO, wait for WELCOME. Raises AuthenticationError when refused."""
     await stream.send(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
     while True:
@@ -100,15 +102,31 @@ async def handshake(stream: ByteStream, hello: dict[str, Any], decoder: FrameDec
 
 
 class Worker:
-    def __init__(self, pipeline: PipelineConfig, stage: StageConfig, address: str, token: str, instance: int | None) -> None:
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        stage: StageConfig,
+        address: str,
+        token: str,
+        instance: int | None,
+    ) -> None:
         self.pipeline = pipeline
         self.stage = stage
         self.address = address
         self.token = token
         self.instance = instance
-        self.in_types = {q: resolve(pipeline.queues[q].type, what="message type") for q in stage.inputs}
-        self.out_types = {q: resolve(pipeline.queues[q].type, what="message type") for q in stage.outputs}
-        self.handler = StageHandler(stage.name, resolve(stage.entry, what="stage entry"), dict(stage.options), stage.stateful)
+        self.in_types = {
+            q: resolve(pipeline.queues[q].type, what="message type") for q in stage.inputs
+        }
+        self.out_types = {
+            q: resolve(pipeline.queues[q].type, what="message type") for q in stage.outputs
+        }
+        self.handler = StageHandler(
+            stage.name,
+            resolve(stage.entry, what="stage entry"),
+            dict(stage.options),
+            stage.stateful,
+        )
 
     async def run(self) -> None:
         await self.handler.setup()
@@ -123,7 +141,13 @@ class Worker:
         decoder = FrameDecoder()
         welcome = await handshake(
             stream,
-            {"token": self.token, "role": "instance", "stage": self.stage.name, "instance": self.instance, "pid": os.getpid()},
+            {
+                "token": self.token,
+                "role": "instance",
+                "stage": self.stage.name,
+                "instance": self.instance,
+                "pid": os.getpid(),
+            },
             decoder,
         )
         self.instance = int(welcome["instance"])
@@ -147,7 +171,11 @@ class Worker:
                     if ev is NEED_DATA:
                         try:
                             data = await stream.receive(256 * 1024)
-                        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        except (
+                            anyio.EndOfStream,
+                            anyio.BrokenResourceError,
+                            anyio.ClosedResourceError,
+                        ):
                             data = b""
                         decoder.receive_data(data)
                         continue
@@ -165,10 +193,14 @@ class Worker:
                     elif ev.kind == FrameKind.STOP:
                         stopping = True
                     else:
-                        raise RemoteProtocolError(f"unexpected {ev.kind.name} frame from the runtime")
+                        raise RemoteProtocolError(
+                            f"unexpected {ev.kind.name} frame from the runtime"
+                        )
             await out.finish()
 
-    async def _process(self, frame: Frame, info: StageInfo, out: _Output, limit: anyio.Semaphore) -> None:
+    async def _process(
+        self, frame: Frame, info: StageInfo, out: _Output, limit: anyio.Semaphore
+    ) -> None:
         if not self.stage.stateful:
             await limit.acquire()
         try:
@@ -190,16 +222,22 @@ class Worker:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("ALTO_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("ALTO_LOG_LEVEL", "INFO"),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     env = os.environ
     try:
         pipeline = load_pipeline(env["ALTO_PIPELINE"])
         stage = pipeline.stages[env["ALTO_STAGE"]]
         inst = env.get("ALTO_INSTANCE")
-        worker = Worker(pipeline, stage, env["ALTO_ADDRESS"], env["ALTO_TOKEN"], int(inst) if inst else None)
+        worker = Worker(
+            pipeline, stage, env["ALTO_ADDRESS"], env["ALTO_TOKEN"], int(inst) if inst else None
+        )
     except KeyError as exc:
         sys.exit(f"alto worker: missing setting {exc}")
-    except Exception as exc:  # noqa: BLE001 - report and exit non-zero: the launcher logs it
+    except Exception as exc:
         sys.exit(f"alto worker: {type(exc).__name__}: {exc}")
     try:
         anyio.run(worker.run, backend=stage.backend)

@@ -135,7 +135,9 @@ class TopK(GroupAggregator[list[tuple[float, int, bytes]]]):
     def initial(self) -> list[tuple[float, int, bytes]]:
         return []
 
-    def update(self, state: list[tuple[float, int, bytes]], msg: Message) -> list[tuple[float, int, bytes]]:
+    def update(
+        self, state: list[tuple[float, int, bytes]], msg: Message
+    ) -> list[tuple[float, int, bytes]]:
         item = (float(_field(msg, self.score_field)), -next(self._tie), msg.SerializeToString())
         if len(state) < self.k:
             heapq.heappush(state, item)

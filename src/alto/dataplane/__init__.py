@@ -7,7 +7,13 @@ The dataplane never imports the control plane.
 from ._frames import NEED_DATA, Frame, FrameDecoder, FrameFlags, FrameKind, encode
 from ._runtime import Runtime
 from ._schedulers import NoInstanceError, Scheduler, available_schedulers, load_scheduler
-from ._stats import InstanceState, InstanceStatistics, RequestEvent, RuntimeStatistics, StageStatistics
+from ._stats import (
+    InstanceState,
+    InstanceStatistics,
+    RequestEvent,
+    RuntimeStatistics,
+    StageStatistics,
+)
 
 __all__ = [
     "NEED_DATA",

@@ -154,7 +154,7 @@ def parse(buf: bytes | bytearray | memoryview, off: int, end: int) -> Frame:
 
     Raises RemoteProtocolError when the frame is inconsistent.
     """
-    size, kind, flags, qlen, depth, pklen, _ = HEADER.unpack_from(buf, off)
+    _size, kind, flags, qlen, depth, pklen, _ = HEADER.unpack_from(buf, off)
     if depth == 0:
         raise RemoteProtocolError("frame with an empty key path")
     try:

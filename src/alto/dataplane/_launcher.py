@@ -42,18 +42,24 @@ def detect_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     if smi is None:
         return []
     try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
+        out = subprocess.run(
+            [smi, "-L"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def plan_gpus(pipeline: PipelineConfig, deployment: DeploymentConfig, gpus: list[str]) -> dict[str, list[list[str]]]:
+def plan_gpus(
+    pipeline: PipelineConfig, deployment: DeploymentConfig, gpus: list[str]
+) -> dict[str, list[list[str]]]:
     """Partition ``gpus`` among the instances that ask for them (stage -> per-instance ids).
 
     Raises ConfigError when GPUs exist but are too few for the deployment.
     """
-    need = {s.name: (s.gpus, deployment.instances(s.name)) for s in pipeline.stages.values() if s.gpus}
+    need = {
+        s.name: (s.gpus, deployment.instances(s.name)) for s in pipeline.stages.values() if s.gpus
+    }
     total = sum(g * n for g, n in need.values())
     plan: dict[str, list[list[str]]] = {}
     if not need or not gpus:
@@ -62,7 +68,11 @@ def plan_gpus(pipeline: PipelineConfig, deployment: DeploymentConfig, gpus: list
         return plan
     if total > len(gpus):
         detail = ", ".join(f"{s}: {g} x {n}" for s, (g, n) in need.items())
-        raise ConfigError(deployment.path, "stages", f"the deployment needs {total} GPUs ({detail}) but {len(gpus)} are visible")
+        raise ConfigError(
+            deployment.path,
+            "stages",
+            f"the deployment needs {total} GPUs ({detail}) but {len(gpus)} are visible",
+        )
     it = iter(gpus)
     for s, (g, n) in need.items():
         plan[s] = [[next(it) for _ in range(g)] for _ in range(n)]
@@ -116,7 +126,11 @@ class LocalLauncher:
                 self.gpu_of[instance_id] = ids
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
             elif self.gpu_plan:
-                raise ConfigError(self.deployment.path, f"stages.{stage}", "no free GPUs left for another instance")
+                raise ConfigError(
+                    self.deployment.path,
+                    f"stages.{stage}",
+                    "no free GPUs left for another instance",
+                )
             else:
                 env["CUDA_VISIBLE_DEVICES"] = ""
         proc = await trio.lowlevel.open_process(

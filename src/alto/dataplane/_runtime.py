@@ -163,7 +163,9 @@ class _LocalSink(_Sink):
 
     def result(self, rid: int, frame: bytes) -> None:
         f = parse(frame, 0, len(frame))
-        self._push(RequestEvent("result", rid, f.queue, f.key_path, f.payload, time=trio.current_time()))
+        self._push(
+            RequestEvent("result", rid, f.queue, f.key_path, f.payload, time=trio.current_time())
+        )
 
     def done(self, rid: int) -> None:
         self.finished = True
@@ -175,7 +177,17 @@ class _LocalSink(_Sink):
 
 
 class _Request:
-    __slots__ = ("closed", "closed_groups", "groups", "live", "live_total", "rid", "sink", "sub", "t0")
+    __slots__ = (
+        "closed",
+        "closed_groups",
+        "groups",
+        "live",
+        "live_total",
+        "rid",
+        "sink",
+        "sub",
+        "t0",
+    )
 
     def __init__(self, rid: int, sink: _Sink | None, t0: float) -> None:
         self.rid = rid
@@ -271,9 +283,7 @@ class Runtime:
             st.up = tuple(sorted(self.stages[u].index for u in pipeline.upstream(st.name)))
             st.target = deployment.instances(st.name)
         for st in by_index:
-            levels = {
-                s.level for s in by_index if s.cfg.stateful and st.index in s.up
-            }
+            levels = {s.level for s in by_index if s.cfg.stateful and st.index in s.up}
             st.track_levels = tuple(sorted(levels))
             st.tracked = bool(levels)
         # A fan-out child id is tagged with the stage only where two fan-out stages receive
@@ -351,7 +361,9 @@ class Runtime:
                     body["token"].encode(), self.token.encode()
                 ):
                     log.warning("refused a connection without the runtime's token")
-                    await sock.send(encode(FrameKind.REFUSED, [0], payload=b"authentication failed"))
+                    await sock.send(
+                        encode(FrameKind.REFUSED, [0], payload=b"authentication failed")
+                    )
                     return
                 role = body.get("role")
                 async with trio.open_nursery() as nursery:
@@ -368,7 +380,9 @@ class Runtime:
         except (OSError, trio.BrokenResourceError) as exc:
             log.debug("%s: %s", conn.name, exc)
 
-    async def _read_hello(self, sock: trio.socket.SocketType) -> tuple[dict[str, Any], bytes] | None:
+    async def _read_hello(
+        self, sock: trio.socket.SocketType
+    ) -> tuple[dict[str, Any], bytes] | None:
         buf = b""
         with trio.move_on_after(10):
             while len(buf) < 4 or len(buf) < 4 + _U32.unpack_from(buf)[0]:
@@ -399,17 +413,28 @@ class Runtime:
     async def _serve_instance(self, conn: _Conn, body: dict[str, Any], rest: bytes) -> None:
         stage_name = body.get("stage")
         if stage_name not in self.stages:
-            conn.send(encode(FrameKind.REFUSED, [0], payload=f"unknown stage {stage_name!r}".encode()))
+            conn.send(
+                encode(FrameKind.REFUSED, [0], payload=f"unknown stage {stage_name!r}".encode())
+            )
             return
         st = self.stages[stage_name]
         iid = body.get("instance")
         inst = self.instances.get(iid) if isinstance(iid, int) else None
         if inst is None or inst.stage is not st or inst.state != InstanceState.STARTING:
             if iid is not None:
-                conn.send(encode(FrameKind.REFUSED, [0], payload=f"unknown instance {iid!r}".encode()))
+                conn.send(
+                    encode(FrameKind.REFUSED, [0], payload=f"unknown instance {iid!r}".encode())
+                )
                 return
             inst = self.instances[self.new_instance_id(st.name)]  # a remote instance
-            st.target = max(st.target, sum(1 for i in st.instances.values() if i.state in (InstanceState.READY, InstanceState.STARTING)))
+            st.target = max(
+                st.target,
+                sum(
+                    1
+                    for i in st.instances.values()
+                    if i.state in (InstanceState.READY, InstanceState.STARTING)
+                ),
+            )
         inst.conn = conn
         inst.pid = body.get("pid")
         conn.name = f"{st.name}/{inst.id}"
@@ -470,7 +495,9 @@ class Runtime:
                     handle_client(conn, buf, off, fend, h)
                     off = fend
             if end - off >= 4 and _U32.unpack_from(buf, off)[0] + 4 > max_size:
-                raise RemoteProtocolError(f"frame of {_U32.unpack_from(buf, off)[0] + 4} bytes exceeds the limit of {max_size}")
+                raise RemoteProtocolError(
+                    f"frame of {_U32.unpack_from(buf, off)[0] + 4} bytes exceeds the limit of {max_size}"
+                )
             if off:
                 buf[: end - off] = buf[off:end]
                 end -= off
@@ -484,7 +511,9 @@ class Runtime:
             n = await sock.recv_into(memoryview(buf)[end:])
             if n == 0:
                 if end:
-                    raise RemoteProtocolError(f"connection closed in the middle of a frame ({end} bytes)")
+                    raise RemoteProtocolError(
+                        f"connection closed in the middle of a frame ({end} bytes)"
+                    )
                 return
             end += n
 
@@ -511,15 +540,20 @@ class Runtime:
             if fend > end:
                 break
             h = unpack(buf, off)
-            if size < 14 or size + 4 > max_size or h[4] == 0 or 10 + 8 * h[4] + h[3] + h[5] > size + 4:
+            if (
+                size < 14
+                or size + 4 > max_size
+                or h[4] == 0
+                or 10 + 8 * h[4] + h[3] + h[5] > size + 4
+            ):
                 _checked_header(buf, off, size, max_size)
             n_in += 1
             kind = h[1]
             if kind == _DATA and not (src_tracked and h[2] & _LAST):
                 req = requests.get(h[6])
                 q0 = off + 10 + 8 * h[4]
-                dst = routes.get(bytes(buf[q0 : q0 + h[3]]), False)
-                if req is not None and dst and not dst.tracked and not dst.retains:
+                dst = routes.get(bytes(buf[q0 : q0 + h[3]]))
+                if req is not None and dst is not None and not dst.tracked and not dst.retains:
                     if dst.level:
                         if h[4] >= dst.level:
                             inst2 = dst.groups.get(bytes(buf[off + 10 : off + dst.key_end]))
@@ -570,7 +604,11 @@ class Runtime:
                     req.live_total -= 1
                     if req.live_total == 0:
                         self._dirty.add(req)
-                if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
+                if (
+                    inst.state == InstanceState.DRAINING
+                    and inst.depth == 0
+                    and inst.open_groups == 0
+                ):
                     self._finish_drain(inst)
             else:
                 self._instance_frame(inst, buf, off, fend, h)
@@ -589,7 +627,9 @@ class Runtime:
         if inst.unblocked and len(inst.backlog) <= self.limits.backlog_limit // 2:
             inst.unblocked.unpark_all()
 
-    def _instance_frame(self, inst: _Instance, buf: bytearray, off: int, fend: int, h: tuple[int, ...]) -> None:
+    def _instance_frame(
+        self, inst: _Instance, buf: bytearray, off: int, fend: int, h: tuple[int, ...]
+    ) -> None:
         kind = h[1]
         rid = h[6]
         st = inst.stage
@@ -614,9 +654,13 @@ class Runtime:
             inst.last_error = msg
             self.fail_request(rid, f"stage {st.name!r} instance {inst.id}: {msg}")
         else:
-            raise RemoteProtocolError(f"unexpected {FrameKind(kind).name if kind in FrameKind._value2member_map_ else kind} frame from an instance")
+            raise RemoteProtocolError(
+                f"unexpected {FrameKind(kind).name if kind in FrameKind._value2member_map_ else kind} frame from an instance"
+            )
 
-    def _route(self, src: _Stage | None, buf: bytearray, off: int, fend: int, h: tuple[int, ...]) -> None:
+    def _route(
+        self, src: _Stage | None, buf: bytearray, off: int, fend: int, h: tuple[int, ...]
+    ) -> None:
         """Route one DATA frame (``h`` is its unpacked header)."""
         rid = h[6]
         req = self.requests.get(rid)
@@ -625,10 +669,14 @@ class Runtime:
             return
         depth = h[4]
         q0 = off + 10 + 8 * depth
-        dst = self.routes.get(bytes(buf[q0 : q0 + h[3]]), False)
-        if dst is False:
+        qname_bytes = bytes(buf[q0 : q0 + h[3]])
+        dst = self.routes.get(qname_bytes)
+        if dst is None and qname_bytes not in self.routes:
             qname = bytes(buf[q0 : q0 + h[3]]).decode("ascii", "replace")
-            self.fail_request(rid, f"stage {src.name if src else 'ingress'!r} wrote to unknown queue {qname!r}; queues: {', '.join(self.pipeline.queues)}")
+            self.fail_request(
+                rid,
+                f"stage {src.name if src else 'ingress'!r} wrote to unknown queue {qname!r}; queues: {', '.join(self.pipeline.queues)}",
+            )
             return
         if src is not None and h[2] & _LAST and src.tracked:
             req.closed.add(bytes(buf[off + 10 : off + 10 + 8 * depth]))
@@ -641,14 +689,20 @@ class Runtime:
             return
         if dst.level:
             if depth < dst.level:
-                self.fail_request(rid, f"frame for stateful stage {dst.name!r} has key path depth {depth} < its aggregation level {dst.level}")
+                self.fail_request(
+                    rid,
+                    f"frame for stateful stage {dst.name!r} has key path depth {depth} < its aggregation level {dst.level}",
+                )
                 return
             key = frame[10 : dst.key_end]
             inst = dst.groups.get(key)
             if inst is None:
                 gk = (dst.index, key)
                 if gk in req.closed_groups:
-                    self.fail_request(rid, f"stage {src.name if src else 'ingress'!r} wrote an item for group {_path_str(key)} of stage {dst.name!r} after that group was closed")
+                    self.fail_request(
+                        rid,
+                        f"stage {src.name if src else 'ingress'!r} wrote an item for group {_path_str(key)} of stage {dst.name!r} after that group was closed",
+                    )
                     return
                 try:
                     inst = dst.instances[dst.scheduler.choose(key, dst.loads)]
@@ -802,7 +856,10 @@ class Runtime:
             inst = self._overfull.pop()
             if inst.conn is conn:  # never wait for our own acknowledgements
                 continue
-            while len(inst.backlog) > limit // 2 and inst.state in (InstanceState.READY, InstanceState.DRAINING):
+            while len(inst.backlog) > limit // 2 and inst.state in (
+                InstanceState.READY,
+                InstanceState.DRAINING,
+            ):
                 await inst.unblocked.park()
 
     # ------------------------------------------------------------------ failures
@@ -836,7 +893,12 @@ class Runtime:
         if inst.id in st.scheduler.instances:
             st.scheduler.remove_instance(inst.id)
         st.loads.pop(inst.id, None)
-        pinned = {req.rid for req in self.requests.values() for (sidx, _), i in req.groups.items() if i is inst}
+        pinned = {
+            req.rid
+            for req in self.requests.values()
+            for (sidx, _), i in req.groups.items()
+            if i is inst
+        }
         retry: list[bytes] = []
         if inst.retained is not None:  # idempotent: retry what had not started
             doomed = set(pinned)
@@ -865,9 +927,14 @@ class Runtime:
             try:
                 other = st.instances[st.scheduler.choose(None, st.loads)]
             except NoInstanceError:
-                self.fail_request(rid, f"stage {st.name!r} instance {inst.id} crashed ({reason}) and no other instance can retry its work")
+                self.fail_request(
+                    rid,
+                    f"stage {st.name!r} instance {inst.id} crashed ({reason}) and no other instance can retry its work",
+                )
                 continue
-            log.info("retrying a frame of request %d on %s/%d (idempotent stage)", rid, st.name, other.id)
+            log.info(
+                "retrying a frame of request %d on %s/%d (idempotent stage)", rid, st.name, other.id
+            )
             self.frames_retried += 1
             self._dispatch(other, rid, frame)
         self._after_batch()
@@ -876,11 +943,23 @@ class Runtime:
 
     async def _serve_client(self, conn: _Conn, rest: bytes) -> None:
         conn.name = "client"
-        conn.send(encode(FrameKind.WELCOME, [0], payload=json.dumps({
-            "pipeline": self.pipeline.name,
-            "input": self.pipeline.input,
-            "queues": {q: c.type for q, c in self.pipeline.queues.items() if q in self.pipeline.outputs or q == self.pipeline.input},
-        }).encode()))
+        conn.send(
+            encode(
+                FrameKind.WELCOME,
+                [0],
+                payload=json.dumps(
+                    {
+                        "pipeline": self.pipeline.name,
+                        "input": self.pipeline.input,
+                        "queues": {
+                            q: c.type
+                            for q, c in self.pipeline.queues.items()
+                            if q in self.pipeline.outputs or q == self.pipeline.input
+                        },
+                    }
+                ).encode(),
+            )
+        )
         try:
             await self._read_loop(conn, None, rest)
         except RemoteProtocolError as exc:
@@ -890,7 +969,9 @@ class Runtime:
                 if isinstance(req.sink, _ConnSink) and req.sink.conn is conn:
                     req.sink = None
 
-    def _client_frame(self, conn: _Conn, buf: bytearray, off: int, fend: int, h: tuple[int, ...]) -> None:
+    def _client_frame(
+        self, conn: _Conn, buf: bytearray, off: int, fend: int, h: tuple[int, ...]
+    ) -> None:
         if h[1] != _SUBMIT:
             raise RemoteProtocolError(f"clients may only send SUBMIT frames, got kind {h[1]}")
         corr = h[6]
@@ -916,7 +997,13 @@ class Runtime:
         return rid
 
     def _ingress(self, rid: int, payload: bytes) -> None:
-        frame = encode(FrameKind.DATA, [rid], self.pipeline.input, payload, max_frame_size=self.limits.max_frame_size)
+        frame = encode(
+            FrameKind.DATA,
+            [rid],
+            self.pipeline.input,
+            payload,
+            max_frame_size=self.limits.max_frame_size,
+        )
         self._route(None, bytearray(frame), 0, len(frame), HEADER.unpack_from(frame, 0))
         self._after_batch()
 
@@ -971,7 +1058,9 @@ class Runtime:
                 await self._spawn(stage, iid)
         elif instances < len(active):
             # drain the instances with the least pinned work first
-            victims = sorted(active, key=lambda i: (i.state == InstanceState.READY, i.open_groups, i.depth))
+            victims = sorted(
+                active, key=lambda i: (i.state == InstanceState.READY, i.open_groups, i.depth)
+            )
             for inst in victims[: len(active) - instances]:
                 self.scale_events += 1
                 self._begin_drain(inst)
@@ -990,7 +1079,13 @@ class Runtime:
         inst.state = InstanceState.DRAINING
         if inst.id in st.scheduler.instances:
             st.scheduler.remove_instance(inst.id)
-        log.info("draining instance %s/%d (%d pinned groups, depth %d)", st.name, inst.id, inst.open_groups, inst.depth)
+        log.info(
+            "draining instance %s/%d (%d pinned groups, depth %d)",
+            st.name,
+            inst.id,
+            inst.open_groups,
+            inst.depth,
+        )
         if inst.depth == 0 and inst.open_groups == 0:
             self._finish_drain(inst)
 
@@ -1042,9 +1137,10 @@ class Runtime:
                 inputs=s.cfg.inputs,
                 outputs=s.cfg.outputs,
                 instances=tuple(
-                    i.id for i in s.instances.values()
+                    i.id
+                    for i in s.instances.values()
                     if i.state not in (InstanceState.STOPPED, InstanceState.CRASHED)
-                ),  # fmt: skip
+                ),
                 target_instances=s.target,
                 frames_processed=s.frames_processed,
                 errors=s.errors,
@@ -1088,4 +1184,3 @@ def _checked_header(buf: bytearray, off: int, size: int, max_size: int) -> tuple
 
 def _path_str(key: bytes) -> str:
     return "[" + ", ".join(str(x) for x in struct.unpack(f"<{len(key) // 8}Q", key)) + "]"
-

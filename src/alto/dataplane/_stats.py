@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 
 class InstanceState(enum.StrEnum):
-    STARTING = "starting"   # process spawned, not registered yet
-    READY = "ready"         # registered, takes new work
-    DRAINING = "draining"   # takes no new groups; finishing what is pinned or in flight
-    STOPPED = "stopped"     # ended on purpose
-    CRASHED = "crashed"     # ended on its own (exit code or lost connection)
+    STARTING = "starting"  # process spawned, not registered yet
+    READY = "ready"  # registered, takes new work
+    DRAINING = "draining"  # takes no new groups; finishing what is pinned or in flight
+    STOPPED = "stopped"  # ended on purpose
+    CRASHED = "crashed"  # ended on its own (exit code or lost connection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +27,12 @@ class InstanceStatistics:
     instance_id: int
     stage: str
     state: InstanceState
-    queue_depth: int          # frames dispatched minus frames acknowledged
-    credits: int              # the most unacknowledged frames it may hold
-    backlog: int              # frames held in the runtime waiting for a credit
-    open_groups: int          # aggregation groups pinned to it
-    frames_in: int            # frames it sent to the runtime
-    frames_out: int           # frames the runtime sent to it
+    queue_depth: int  # frames dispatched minus frames acknowledged
+    credits: int  # the most unacknowledged frames it may hold
+    backlog: int  # frames held in the runtime waiting for a credit
+    open_groups: int  # aggregation groups pinned to it
+    frames_in: int  # frames it sent to the runtime
+    frames_out: int  # frames the runtime sent to it
     pid: int | None
     last_error: str | None
 
@@ -46,7 +46,7 @@ class StageStatistics:
     fanout: bool
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    instances: tuple[int, ...]   # ids of instances that are not stopped
+    instances: tuple[int, ...]  # ids of instances that are not stopped
     target_instances: int
     frames_processed: int
     errors: int
@@ -55,7 +55,7 @@ class StageStatistics:
 @dataclass(frozen=True, slots=True)
 class RuntimeStatistics:
     pipeline: str
-    time: float                       # trio.current_time() of the snapshot
+    time: float  # trio.current_time() of the snapshot
     stages: tuple[StageStatistics, ...]
     instances: tuple[InstanceStatistics, ...]
     requests_in_flight: int
@@ -66,7 +66,9 @@ class RuntimeStatistics:
     frames_relayed: int
     max_inflight_requests: int
     scale_events: int
-    edges: tuple[tuple[str, str, str], ...] = field(default=())  # (from stage or "ingress", queue, to stage or "sink")
+    edges: tuple[tuple[str, str, str], ...] = field(
+        default=()
+    )  # (from stage or "ingress", queue, to stage or "sink")
 
 
 @dataclass(frozen=True, slots=True)

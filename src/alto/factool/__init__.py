@@ -1,5 +1,19 @@
 """The FacTool-inspired claim verification pipeline (configs/factool.toml)."""
 
-from ._stages import AnswerQuestion, EncodeQuery, ExtractClaims, GenerateQueries, Rerank, StreamingBM25
+from ._stages import (
+    AnswerQuestion,
+    EncodeQuery,
+    ExtractClaims,
+    GenerateQueries,
+    Rerank,
+    StreamingBM25,
+)
 
-__all__ = ["AnswerQuestion", "EncodeQuery", "ExtractClaims", "GenerateQueries", "Rerank", "StreamingBM25"]
+__all__ = [
+    "AnswerQuestion",
+    "EncodeQuery",
+    "ExtractClaims",
+    "GenerateQueries",
+    "Rerank",
+    "StreamingBM25",
+]

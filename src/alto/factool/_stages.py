@@ -23,13 +23,22 @@ few-shot ``Q:``/``A:`` style with stop sequences, because the default model (Gem
 from __future__ import annotations
 
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
 from .._stage import Context
 from ..engines import Engine, GenerationParams, load_engine
-from .factool_pb2 import Answer, Candidates, Claim, EncodedQuery, Evidence, Passage, Question, QueryToken
+from .factool_pb2 import (
+    Answer,
+    Candidates,
+    Claim,
+    EncodedQuery,
+    Evidence,
+    Passage,
+    QueryToken,
+    Question,
+)
 
 QA_PROMPT = """Answer each question with one or two factual sentences.
 
@@ -81,7 +90,13 @@ QA_KEY, CLAIMS_KEY, QUERIES_KEY = "factool-qa-v1", "factool-claims-v1", "factool
 class _LMStage:
     """Loads an engine in ``setup`` and closes it in ``aclose``."""
 
-    def __init__(self, engine: str = "llamacpp", engine_options: dict[str, Any] | None = None, max_tokens: int = 64, stream: bool = True) -> None:
+    def __init__(
+        self,
+        engine: str = "llamacpp",
+        engine_options: dict[str, Any] | None = None,
+        max_tokens: int = 64,
+        stream: bool = True,
+    ) -> None:
         self.engine_name = engine
         self.engine_options = dict(engine_options or {})
         self.max_tokens = max_tokens
@@ -89,7 +104,9 @@ class _LMStage:
         self.engine: Engine | None = None
 
     async def setup(self) -> None:
-        self.engine = await anyio.to_thread.run_sync(lambda: load_engine(self.engine_name, **self.engine_options))
+        self.engine = await anyio.to_thread.run_sync(
+            lambda: load_engine(self.engine_name, **self.engine_options)
+        )
 
     async def aclose(self) -> None:
         if self.engine is not None:
@@ -97,7 +114,9 @@ class _LMStage:
 
     def _gen(self, prompt: str, stop: list[str], key: str) -> Any:
         assert self.engine is not None, "setup() did not run"
-        return self.engine.generate(prompt, GenerationParams(max_tokens=self.max_tokens, stop=tuple(stop)), prompt_key=key)
+        return self.engine.generate(
+            prompt, GenerationParams(max_tokens=self.max_tokens, stop=tuple(stop)), prompt_key=key
+        )
 
 
 def _lines(text: str) -> list[str]:
@@ -113,7 +132,9 @@ def _lines(text: str) -> list[str]:
 class AnswerQuestion(_LMStage):
     async def process(self, q: Question, ctx: Context) -> None:
         text = ""
-        async with aclosing(self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY)) as gen:
+        async with aclosing(
+            self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY)
+        ) as gen:
             async for piece in gen:
                 text += piece
         answer = Answer(question_id=q.id, question=q.question, text=text.strip())
@@ -156,7 +177,7 @@ class ExtractClaims(_LMStage):
                     line, pending = pending.split("\n", 1)
                     if not await emit(line):
                         return  # enough claims: leaving aclosing() stops the LM
-        for line in (_lines(pending) if self.stream else _lines(full)):
+        for line in _lines(pending) if self.stream else _lines(full):
             if not await emit(line):
                 return
 
@@ -214,7 +235,11 @@ class StreamingBM25:
     """Stage 4: per query (aggregation group), sum per-term BM25 score vectors as the
     query's tokens arrive; emit the top ``k`` candidates when the group closes."""
 
-    def __init__(self, corpus: str = "dev", k: int = 10, index_dir: str | None = None) -> None:
+    def __init__(
+        self, corpus: Literal["dev", "all"] = "dev", k: int = 10, index_dir: str | None = None
+    ) -> None:
+        if corpus not in ("dev", "all"):
+            raise ValueError(f"corpus must be 'dev' or 'all', got {corpus!r}")
         self.corpus, self.k, self.index_dir = corpus, k, index_dir
         self.queries: dict[tuple[int, ...], Any] = {}
         self.texts: dict[tuple[int, ...], tuple[str, str]] = {}
@@ -286,7 +311,12 @@ class EncodeQuery:
         from ..retrieval import to_bytes
 
         emb = await anyio.to_thread.run_sync(self.model.encode_query, c.query or c.claim)
-        await ctx.write("encoded", EncodedQuery(claim=c.claim, query=c.query, embedding=to_bytes(emb), passages=c.passages))
+        await ctx.write(
+            "encoded",
+            EncodedQuery(
+                claim=c.claim, query=c.query, embedding=to_bytes(emb), passages=c.passages
+            ),
+        )
 
 
 class Rerank:
