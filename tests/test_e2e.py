@@ -244,9 +244,13 @@ async def crash_once_square(msg: object, ctx: alto.Context) -> None:
     """Dies (SIGKILL) the first time it sees the value 5, before writing anything."""
     value = getattr(msg, "value", 0)
     marker = Path(os.environ["ALTO_TEST_MARKER"])
-    if value == 5 and not marker.exists():
-        marker.write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
+    if value == 5:
+        try:  # O_EXCL: exactly one instance, once, across processes
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
     await ctx.write("squares", Square(value=value * value, instance=ctx.instance))
     await ctx.write("partials", Square(value=value * value, instance=ctx.instance))
 
