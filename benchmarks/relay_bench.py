@@ -149,7 +149,22 @@ def role_runtime(sock_path: str, pipeline_path: str) -> None:
         lst.listen(64)
         await rt.serve([lst])
 
-    trio.run(main)
+    if os.environ.get("ALTO_BENCH_PROFILE"):
+        import cProfile
+        import signal
+
+        prof = cProfile.Profile()
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        prof.enable()
+        try:
+            trio.run(main)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            prof.disable()
+            prof.dump_stats(os.environ["ALTO_BENCH_PROFILE"])
+    else:
+        trio.run(main)
 
 
 def role_producer(addr: str, per_request: int, rate: float, direct: bool) -> None:

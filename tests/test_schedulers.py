@@ -24,6 +24,7 @@ from alto.dataplane._schedulers import (
     Hash,
     LeastOutstanding,
     NoInstanceError,
+    PromptAffinity,
     PromptSticky,
     RoundRobin,
     Scheduler,
@@ -53,7 +54,7 @@ def assignment(sched: Scheduler, keys: list[bytes]) -> list[int]:
 
 # --- instance bookkeeping, shared by every policy -------------------------------------
 
-ALL = [RoundRobin, LeastOutstanding, Hash, ConsistentHash, PromptSticky]
+ALL = [RoundRobin, LeastOutstanding, Hash, ConsistentHash, PromptSticky, PromptAffinity]
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -326,6 +327,70 @@ def test_prompt_sticky_never_exceeds_bound(
             limit = bound(loads, c)
             chosen = sched.choose(key, loads)
             assert loads[chosen] + 1 <= limit
+            loads[chosen] += 1
+        else:
+            assert arg is not None
+            busy = [i for i in range(n) if loads[i]]
+            if busy:
+                loads[busy[arg % len(busy)]] -= 1
+
+
+def test_prompt_affinity_spreads_few_keys_over_instances() -> None:
+    # The case consistent hashing leaves to chance: as many templates as instances.
+    sched = make(PromptAffinity, range(3))
+    loads = dict.fromkeys(range(3), 0)
+    homes = [sched.choose(k, loads) for k in (b"qa", b"claims", b"queries")]
+    assert sorted(homes) == [0, 1, 2]
+    assert [sched.choose(k, loads) for k in (b"qa", b"claims", b"queries")] == homes
+
+
+def test_prompt_affinity_spills_over_the_bound_and_keeps_its_home() -> None:
+    sched = make(PromptAffinity, range(2))
+    loads = {0: 0, 1: 0}
+    home = sched.choose(b"hot", loads)
+    loads[home] = 5  # bound = ceil(1.25 * 6 / 2) = 4
+    other = 1 - home
+    assert sched.choose(b"hot", loads) == other
+    loads[home] = 0
+    assert sched.choose(b"hot", loads) == home
+
+
+def test_prompt_affinity_forgets_keys_of_removed_instances_and_lru() -> None:
+    sched = make(PromptAffinity, range(2), max_keys=2)
+    loads = {0: 0, 1: 0}
+    a = sched.choose(b"a", loads)
+    sched.choose(b"b", loads)
+    sched.remove_instance(a)
+    loads.pop(a)
+    assert sched.choose(b"a", loads) == 1 - a
+    sched.choose(b"c", loads)  # the table holds 2 keys: "b" is the least recently used
+    assert b"b" not in sched._home
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    c=st.sampled_from([1.0, 1.25, 2.0]),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("choose"), st.sampled_from([0, 0, 0, 1, 2, None])),
+            st.tuples(st.just("ack"), st.integers(0, 5)),
+        ),
+        max_size=200,
+    ),
+)
+def test_prompt_affinity_never_exceeds_bound(
+    n: int, c: float, ops: list[tuple[str, int | None]]
+) -> None:
+    sched = make(PromptAffinity, range(n), load_factor=c)
+    loads = dict.fromkeys(range(n), 0)
+    for op, arg in ops:
+        if op == "choose":
+            key = None if arg is None else b"prompt-%d" % arg
+            limit = bound(loads, c)
+            chosen = sched.choose(key, loads)
+            if key is not None:
+                assert loads[chosen] + 1 <= limit
             loads[chosen] += 1
         else:
             assert arg is not None

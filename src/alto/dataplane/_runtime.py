@@ -242,6 +242,7 @@ class _Stage:
         self.up: tuple[int, ...] = ()
         self.track_levels: tuple[int, ...] = ()  # levels of stateful stages downstream
         self.tracked = False
+        self.tracks_children = False
         self.child_tag = 0
         self.target = 1
         self.frames_processed = 0
@@ -286,6 +287,8 @@ class Runtime:
             levels = {s.level for s in by_index if s.cfg.stateful and st.index in s.up}
             st.track_levels = tuple(sorted(levels))
             st.tracked = bool(levels)
+            # A closed child matters only to groups at least as deep as the child.
+            st.tracks_children = st.cfg.fanout and bool(levels) and max(levels) > st.cfg.input_depth
         # A fan-out child id is tagged with the stage only where two fan-out stages receive
         # paths of the same depth: there, equal counters would name different streams.
         depth_count: dict[int, int] = {}
@@ -531,7 +534,8 @@ class Runtime:
         requests = self.requests
         routes = self.routes
         st = inst.stage
-        src_tracked = st.tracked or st.retains  # those take the general path
+        src_tracked = st.tracked or st.retains  # their ACKs take the general path
+        src_children = st.tracks_children or st.retains  # their DATA with LAST does
         off = 0
         n_in = 0
         while end - off >= 18:
@@ -549,7 +553,7 @@ class Runtime:
                 _checked_header(buf, off, size, max_size)
             n_in += 1
             kind = h[1]
-            if kind == _DATA and not (src_tracked and h[2] & _LAST):
+            if kind == _DATA and not (src_children and h[2] & _LAST):
                 req = requests.get(h[6])
                 q0 = off + 10 + 8 * h[4]
                 dst = routes.get(bytes(buf[q0 : q0 + h[3]]))
@@ -645,7 +649,7 @@ class Runtime:
             self._ack(inst, buf, off, h)
         elif kind == _CLOSE:
             req = self.requests.get(rid)
-            if req is not None and st.tracked:
+            if req is not None and st.tracks_children:
                 req.closed.add(bytes(buf[off + 10 : off + 10 + 8 * h[4]]))
                 self._dirty.add(req)
         elif kind == _ERROR:
@@ -678,7 +682,7 @@ class Runtime:
                 f"stage {src.name if src else 'ingress'!r} wrote to unknown queue {qname!r}; queues: {', '.join(self.pipeline.queues)}",
             )
             return
-        if src is not None and h[2] & _LAST and src.tracked:
+        if src is not None and h[2] & _LAST and src.tracks_children:
             req.closed.add(bytes(buf[off + 10 : off + 10 + 8 * depth]))
             self._dirty.add(req)
         self.frames_relayed += 1

@@ -43,6 +43,11 @@ What ``key`` means depends on the edge, and the pipeline config picks the policy
     under it. Because some instance always carries at most the mean load and the bound
     is above the mean for ``c >= 1``, the walk always ends. Frames without a prompt key
     fall back to least-outstanding.
+``prompt-affinity``
+    The same bound, but the key's home comes from a remembered table instead of a hash:
+    a new key goes to the instance with the fewest keys. With a handful of prompt
+    templates, hashing often homes two on one instance and none on another (see
+    :class:`PromptAffinity` and ``benchmarks/prompt_sticky.py``).
 
 Third-party policies subclass :class:`Scheduler` and register in the entry point group
 ``alto.schedulers`` (see ``plugins/alto-example-scheduler``); the built-ins above register
@@ -62,6 +67,7 @@ import abc
 import hashlib
 import math
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from types import MappingProxyType
@@ -76,6 +82,7 @@ __all__ = [
     "Hash",
     "LeastOutstanding",
     "NoInstanceError",
+    "PromptAffinity",
     "PromptSticky",
     "RoundRobin",
     "Scheduler",
@@ -390,6 +397,73 @@ class PromptSticky(ConsistentHash):
                 return owner
         # Unreachable for c >= 1 (the least loaded instance is under the bound); kept so
         # that a runtime passing inconsistent loads still gets an answer.
+        return self._least_outstanding(loads)
+
+
+class PromptAffinity(Scheduler):
+    """A sticky table with bounded loads: prompt-sticky without the hash's coin flips.
+
+    With few distinct prompt keys (a pipeline has a handful of templates), consistent
+    hashing often homes two templates on one instance and none on another: with 2 keys and
+    2 instances, half the time. This policy remembers an assignment instead: a key seen for
+    the first time goes to the instance with the fewest keys assigned (ties: the least
+    loaded), and stays there while that instance is under the same bound as prompt-sticky,
+    ``ceil(c * (total_load + 1) / n)``; over the bound the least loaded instance takes the
+    frame and the key keeps its home. Keys of a removed instance are forgotten and placed
+    again when next seen; new instances receive new keys first. Not consistent across
+    runtimes (the table lives in this runtime), which a single central runtime does not need.
+
+    Options:
+        load_factor: ``c``, at least 1 (as for prompt-sticky).
+        max_keys: the table's size; the least recently used key is forgotten past it.
+    """
+
+    name = "prompt-affinity"
+    option_defaults: ClassVar[Mapping[str, object]] = MappingProxyType(
+        {"load_factor": 1.25, "max_keys": 4096}
+    )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._load_factor = float(self.options["load_factor"])
+        if not self._load_factor >= 1.0 or math.isinf(self._load_factor):
+            raise self._option_error(
+                f"option 'load_factor' must be a finite number >= 1, got {self._load_factor}"
+            )
+        self._max_keys = int(self.options["max_keys"])
+        if self._max_keys < 1:
+            raise self._option_error(f"option 'max_keys' must be >= 1, got {self._max_keys}")
+        self._home: OrderedDict[bytes, int] = OrderedDict()
+        self._keys_of: dict[int, int] = {}
+
+    def _instances_changed(self) -> None:
+        live = set(self._instances)
+        for key in [k for k, i in self._home.items() if i not in live]:
+            del self._home[key]
+        self._keys_of = {i: 0 for i in self._instances}
+        for i in self._home.values():
+            self._keys_of[i] += 1
+
+    def choose(self, key: bytes | None, loads: Mapping[int, int]) -> int:
+        if key is None or not self._instances:
+            return self._least_outstanding(loads)
+        home = self._home.get(key)
+        if home is None:
+            home = min(self._instances, key=lambda i: (self._keys_of[i], loads[i]))
+            self._home[key] = home
+            self._keys_of[home] += 1
+            if len(self._home) > self._max_keys:
+                _, old = self._home.popitem(last=False)
+                self._keys_of[old] -= 1
+        else:
+            self._home.move_to_end(key)
+        load = loads[home]
+        if not load:
+            return home
+        total = sum(map(loads.__getitem__, self._instances))
+        bound = math.ceil(self._load_factor * (total + 1) / len(self._instances))
+        if load < bound:
+            return home
         return self._least_outstanding(loads)
 
 
