@@ -13,6 +13,7 @@ it from ``--token``/``ALTO_TOKEN`` or from the discovery file (mode 0600).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import shutil
 import signal
 import socket as _socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,21 +119,35 @@ async def serve(
     sock_path = str(sockdir / "runtime.sock")
     disc = discovery_path(pipeline.name)
     try:
-        await _serve(
-            pipeline,
-            deployment,
-            sock_path,
-            tcp,
-            http,
-            token,
-            user_token,
-            ready_timeout,
-            write_discovery,
-            handle_signals,
-            on_ready,
-            disc,
-            task_status,
-        )
+        with contextlib.ExitStack() as stack:
+            # Signals are received for the whole life of serve(), shutdown included: a
+            # second Ctrl-C (or a SIGTERM forwarded by a supervisor) must not interrupt the
+            # orderly stop of the instances.
+            signals = (
+                stack.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
+                if handle_signals
+                else None
+            )
+            async with trio.open_nursery() as outer:
+                running = trio.CancelScope()
+                if signals is not None:
+                    outer.start_soon(_watch_signals, signals, running)
+                with running:
+                    await _serve(
+                        pipeline,
+                        deployment,
+                        sock_path,
+                        tcp,
+                        http,
+                        token,
+                        user_token,
+                        ready_timeout,
+                        write_discovery,
+                        on_ready,
+                        disc,
+                        task_status,
+                    )
+                outer.cancel_scope.cancel()
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
         if write_discovery:
@@ -154,7 +169,6 @@ async def _serve(
     user_token: str | None,
     ready_timeout: float,
     write_discovery: bool,
-    handle_signals: bool,
     on_ready: Callable[[ServeInfo], None] | None,
     disc: Path,
     task_status: trio.TaskStatus[ServeInfo],
@@ -196,8 +210,6 @@ async def _serve(
         )
         try:
             await nursery.start(runtime.serve, listeners)
-            if handle_signals:
-                nursery.start_soon(_watch_signals, nursery.cancel_scope)
             for name in pipeline.stages:
                 for _ in range(deployment.instances(name)):
                     await launcher.spawn(name, runtime.new_instance_id(name))
@@ -266,9 +278,11 @@ async def _serve(
             nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for sig in signals:
+async def _watch_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    """The first SIGINT/SIGTERM stops serving; later ones are logged while stopping."""
+    async for sig in signals:
+        if scope.cancel_called:
+            log.warning("received %s again; still stopping the instances", signal.Signals(sig).name)
+        else:
             log.info("received %s, stopping", signal.Signals(sig).name)
             scope.cancel()
-            return

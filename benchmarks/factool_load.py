@@ -1,0 +1,120 @@
+"""Load vs latency of the FacTool pipeline, streaming vs baseline (the paper's Figure 3).
+
+LM stages are the emulated engine calibrated to the paper's Table 1 (continuous batching,
+per-output timings), so the LM side behaves like GPU instances; BM25 and the MiniLM
+reranker are real and run on this machine's 2 CPU cores. For each mode (configs/
+factool-emulated.toml, and the same file with ``stream = false``) and each offered load,
+requests (SQuAD questions) arrive as a Poisson process for ``--seconds``; the table gives
+the achieved load (completed requests / time from the first arrival to the last
+completion), and median and p99 end-to-end latency. As in the paper, a point counts only
+where the achieved load is at least 80% of the offered load (marked otherwise).
+
+    python benchmarks/factool_load.py --rates 0.5,1,2,3 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+import alto
+from alto.factool.factool_pb2 import Question
+from alto.retrieval import load_questions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+async def one_mode(config: Path, deploy: Path, rates: list[float], seconds: float, questions: list[Question]) -> dict[float, dict[str, float]]:
+    out: dict[float, dict[str, float]] = {}
+    async with trio.open_nursery() as nursery:
+        info: alto.ServeInfo = await nursery.start(
+            lambda task_status: alto.serve(
+                config, deploy, http=None, write_discovery=False, handle_signals=False,
+                ready_timeout=600, task_status=task_status,
+            )
+        )  # fmt: skip
+        async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
+            await client.run(questions[0])  # warm-up
+            for rate in rates:
+                rng = random.Random(int(rate * 1000))
+                lat: list[float] = []
+                failed = 0
+                t0 = trio.current_time()
+                last_done = t0
+
+                async def request(q: Question) -> None:
+                    nonlocal failed, last_done
+                    start = trio.current_time()
+                    try:
+                        await client.run(q)
+                    except alto.AltoError:
+                        failed += 1
+                        return
+                    now = trio.current_time()
+                    lat.append(now - start)
+                    last_done = max(last_done, now)
+
+                async with trio.open_nursery() as load:
+                    i = 0
+                    while trio.current_time() - t0 < seconds:
+                        load.start_soon(request, questions[i % len(questions)])
+                        i += 1
+                        await trio.sleep(rng.expovariate(rate))
+                sent = i
+                achieved = len(lat) / max(1e-9, last_done - t0)
+                out[rate] = {"sent": sent, "done": len(lat), "failed": failed, "achieved": achieved, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+                print(f"  {config.name} at {rate}/s: {out[rate]}", file=sys.stderr)
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rates", default="0.5,1,2,3")
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--deploy", default=str(ROOT / "configs" / "factool.deploy.toml"))
+    a = ap.parse_args()
+    rates = [float(r) for r in a.rates.split(",")]
+    qs = load_questions()[::7]
+    questions = [Question(id=q.id, question=q.question, gold_pid=q.gold_pid) for q in qs]
+    streaming = ROOT / "configs" / "factool-emulated.toml"
+    with tempfile.TemporaryDirectory() as d:
+        baseline = Path(d) / "factool-emulated-baseline.toml"
+        baseline.write_text(
+            streaming.read_text().replace("stream = true", "stream = false").replace('name = "factool-emulated"', 'name = "factool-emulated-baseline"')
+        )
+
+        async def run() -> dict[str, dict[float, dict[str, float]]]:
+            return {
+                "streaming": await one_mode(streaming, Path(a.deploy), rates, a.seconds, questions),
+                "baseline": await one_mode(baseline, Path(a.deploy), rates, a.seconds, questions),
+            }
+
+        res = trio.run(run)
+    print(f"FacTool pipeline, emulated LM stages (Table 1 timings), real BM25 + MiniLM, deployment {Path(a.deploy).name}, {a.seconds:.0f} s per point")
+    print()
+    print("| offered (req/s) | mode | achieved (req/s) | p50 latency | p99 latency | failed |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for rate in rates:
+        for mode in ("streaming", "baseline"):
+            r = res[mode][rate]
+            mark = "" if r["achieved"] >= 0.8 * rate else " (below 80% of offered)"
+            print(f"| {rate:g} | {mode} | {r['achieved']:.2f}{mark} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['failed']:.0f} |")
+    print()
+    for rate in rates:
+        s, b = res["streaming"][rate], res["baseline"][rate]
+        print(f"at {rate:g} req/s: baseline / streaming latency p50 {b['p50'] / s['p50']:.2f}x, p99 {b['p99'] / s['p99']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
