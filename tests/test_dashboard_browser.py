@@ -39,18 +39,6 @@ TOKEN = "browser-token"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 WAIT_S = 15
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1440,1100",
-]
-
 
 class _ServerThread:
     """serve_control plus a load generator, in a thread of its own (its own trio.run)."""
@@ -121,27 +109,6 @@ def server() -> Iterator[_ServerThread]:
         yield thread
     finally:
         thread.stop()
-
-
-@pytest.fixture
-def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    # Never let selenium-manager look for (or download) a browser or driver.
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = Options()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in CHROMIUM_ARGS:
-        options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield chrome
-    finally:
-        chrome.quit()
 
 
 def _depths(driver: Any) -> dict[str, str]:
