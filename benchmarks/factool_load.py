@@ -34,7 +34,48 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-async def one_mode(config: Path, deploy: Path, rates: list[float], seconds: float, questions: list[Question]) -> dict[float, dict[str, float]]:
+async def one_rate(
+    client: alto.Client, rate: float, seconds: float, questions: list[Question]
+) -> dict[str, float]:
+    """Poisson arrivals at ``rate`` for ``seconds``; wait for every request to end."""
+    rng = random.Random(int(rate * 1000))
+    lat: list[float] = []
+    failed = 0
+    t0 = trio.current_time()
+    last_done = t0
+
+    async def request(q: Question) -> None:
+        nonlocal failed, last_done
+        start = trio.current_time()
+        try:
+            await client.run(q)
+        except alto.AltoError:
+            failed += 1
+            return
+        now = trio.current_time()
+        lat.append(now - start)
+        last_done = max(last_done, now)
+
+    sent = 0
+    async with trio.open_nursery() as load:
+        while trio.current_time() - t0 < seconds:
+            load.start_soon(request, questions[sent % len(questions)])
+            sent += 1
+            await trio.sleep(rng.expovariate(rate))
+    achieved = len(lat) / max(1e-9, last_done - t0)
+    return {
+        "sent": sent,
+        "done": len(lat),
+        "failed": failed,
+        "achieved": achieved,
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+    }
+
+
+async def one_mode(
+    config: Path, deploy: Path, rates: list[float], seconds: float, questions: list[Question]
+) -> dict[float, dict[str, float]]:
     out: dict[float, dict[str, float]] = {}
     async with trio.open_nursery() as nursery:
         info: alto.ServeInfo = await nursery.start(
@@ -46,33 +87,7 @@ async def one_mode(config: Path, deploy: Path, rates: list[float], seconds: floa
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
             await client.run(questions[0])  # warm-up
             for rate in rates:
-                rng = random.Random(int(rate * 1000))
-                lat: list[float] = []
-                failed = 0
-                t0 = trio.current_time()
-                last_done = t0
-
-                async def request(q: Question) -> None:
-                    nonlocal failed, last_done
-                    start = trio.current_time()
-                    try:
-                        await client.run(q)
-                    except alto.AltoError:
-                        failed += 1
-                        return
-                    now = trio.current_time()
-                    lat.append(now - start)
-                    last_done = max(last_done, now)
-
-                async with trio.open_nursery() as load:
-                    i = 0
-                    while trio.current_time() - t0 < seconds:
-                        load.start_soon(request, questions[i % len(questions)])
-                        i += 1
-                        await trio.sleep(rng.expovariate(rate))
-                sent = i
-                achieved = len(lat) / max(1e-9, last_done - t0)
-                out[rate] = {"sent": sent, "done": len(lat), "failed": failed, "achieved": achieved, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+                out[rate] = await one_rate(client, rate, seconds, questions)
                 print(f"  {config.name} at {rate}/s: {out[rate]}", file=sys.stderr)
         nursery.cancel_scope.cancel()
     return out
@@ -91,7 +106,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         baseline = Path(d) / "factool-emulated-baseline.toml"
         baseline.write_text(
-            streaming.read_text().replace("stream = true", "stream = false").replace('name = "factool-emulated"', 'name = "factool-emulated-baseline"')
+            streaming.read_text()
+            .replace("stream = true", "stream = false")
+            .replace('name = "factool-emulated"', 'name = "factool-emulated-baseline"')
         )
 
         async def run() -> dict[str, dict[float, dict[str, float]]]:
@@ -101,7 +118,9 @@ def main() -> None:
             }
 
         res = trio.run(run)
-    print(f"FacTool pipeline, emulated LM stages (Table 1 timings), real BM25 + MiniLM, deployment {Path(a.deploy).name}, {a.seconds:.0f} s per point")
+    print(
+        f"FacTool pipeline, emulated LM stages (Table 1 timings), real BM25 + MiniLM, deployment {Path(a.deploy).name}, {a.seconds:.0f} s per point"
+    )
     print()
     print("| offered (req/s) | mode | achieved (req/s) | p50 latency | p99 latency | failed |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
@@ -109,11 +128,15 @@ def main() -> None:
         for mode in ("streaming", "baseline"):
             r = res[mode][rate]
             mark = "" if r["achieved"] >= 0.8 * rate else " (below 80% of offered)"
-            print(f"| {rate:g} | {mode} | {r['achieved']:.2f}{mark} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['failed']:.0f} |")
+            print(
+                f"| {rate:g} | {mode} | {r['achieved']:.2f}{mark} | {r['p50']:.2f} s | {r['p99']:.2f} s | {r['failed']:.0f} |"
+            )
     print()
     for rate in rates:
         s, b = res["streaming"][rate], res["baseline"][rate]
-        print(f"at {rate:g} req/s: baseline / streaming latency p50 {b['p50'] / s['p50']:.2f}x, p99 {b['p99'] / s['p99']:.2f}x")
+        print(
+            f"at {rate:g} req/s: baseline / streaming latency p50 {b['p50'] / s['p50']:.2f}x, p99 {b['p99'] / s['p99']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

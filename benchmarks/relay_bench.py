@@ -162,7 +162,7 @@ def role_runtime(sock_path: str, pipeline_path: str) -> None:
             pass
         finally:
             prof.disable()
-            prof.dump_stats(os.environ["ALTO_BENCH_PROFILE"])
+            prof.dump_stats(f"{os.environ['ALTO_BENCH_PROFILE']}.{os.getpid()}")
     else:
         trio.run(main)
 
@@ -174,7 +174,13 @@ def role_producer(addr: str, per_request: int, rate: float, direct: bool) -> Non
     s.connect(addr)
     stamp = rate > 0
     if direct:
-        emit(s, 1, per_request, rate, stamp)
+        if rate <= 0:  # the physical limit: one prebuilt chunk sent again and again
+            chunk = item_frames(1, 0, 2000, False)
+            for start in range(0, per_request, 2000):
+                n = min(2000, per_request - start)
+                s.sendall(chunk if n == 2000 else chunk[: n * (len(chunk) // 2000)])
+        else:
+            emit(s, 1, per_request, rate, stamp)
         s.shutdown(socket.SHUT_WR)
         s.recv(1)
         return
@@ -199,11 +205,23 @@ def role_producer(addr: str, per_request: int, rate: float, direct: bool) -> Non
         end -= last
 
 
+_TEMPLATES: dict[int, object] = {}
+
+
 def emit(s: socket.socket, rid: int, count: int, rate: float, stamp: bool) -> None:
     if rate <= 0:
-        chunk = 2000
-        for start in range(0, count, chunk):
-            s.sendall(item_frames(rid, start, min(chunk, count - start), False))
+        # Throughput: the frames of a request are a template (built once) with the request
+        # id written into every frame by numpy, so the producer costs next to nothing and
+        # the relay is what the run measures.
+        import numpy as np
+
+        tpl = _TEMPLATES.get(count)
+        if tpl is None:
+            raw = np.frombuffer(bytearray(item_frames(0, 0, count, False)), dtype=np.uint8)
+            tpl = _TEMPLATES[count] = raw.reshape(count, -1).copy()
+        arr = tpl  # type: ignore[assignment]
+        arr[:, 10:18] = np.frombuffer(rid.to_bytes(8, "little"), dtype=np.uint8)  # type: ignore[index]
+        s.sendall(arr.tobytes())  # type: ignore[attr-defined]
         return
     # paced: a batch per millisecond, the way an engine emits one decode step's tokens
     per_tick = max(1, int(rate / 1000))
@@ -218,30 +236,66 @@ def emit(s: socket.socket, rid: int, count: int, rate: float, stamp: bool) -> No
             time.sleep(delay)
 
 
-def role_consumer(addr: str, out_path: str, direct: bool, expect: int) -> None:
+def walk_only(s: socket.socket, out_path: str, expect: int) -> None:
+    """The physical limit: receive and walk the length prefixes, nothing else."""
+    buf = bytearray(1 << 18)
+    view = memoryview(buf)
+    end = count = 0
+    t_first = 0.0
+    unpack = U32.unpack_from
+    while count < expect:
+        n = s.recv_into(view[end:])
+        if n == 0:
+            break
+        if not t_first:
+            t_first = time.perf_counter()
+        end += n
+        off = 0
+        while end - off >= 4:
+            fend = off + 4 + unpack(buf, off)[0]
+            if fend > end:
+                break
+            off = fend
+            count += 1
+        buf[: end - off] = buf[off:end]
+        end -= off
+    t_last = time.perf_counter()
+    s.sendall(b"x")
+    Path(out_path).write_text(
+        json.dumps({"count": count, "t_first": t_first, "t_last": t_last, "lat": []})
+    )
+
+
+def role_consumer(addr: str, out_path: str, direct: bool, expect: int, walk: bool = False) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    welcome: dict[str, object] = {}
     if direct:
         lst = s
         lst.bind(addr)
         lst.listen(1)
         Path(out_path + ".ready").write_text("1")
         s, _ = lst.accept()
+        if walk:
+            return walk_only(s, out_path, expect)
     else:
         s.connect(addr)
-        hello(s, {"token": TOKEN, "role": "instance", "stage": "consumer", "instance": None})
+        welcome = hello(
+            s, {"token": TOKEN, "role": "instance", "stage": "consumer", "instance": None}
+        )
     lat: list[int] = []
     buf = bytearray(1 << 18)
     end = 0
     count = 0
     t_first = t_last = 0.0
-    ack_fixed = struct.pack("<IBBBBH", 6 + 16, ACK, 0, 0, 2, 0)
+    coalesce = not direct and bool(welcome.get("coalesce_acks"))
     while True:
         try:
             frames, end = read_frames(s, buf, end)
         except EOFError:
             break
         now = time.perf_counter_ns()
-        acks = []
+        acks: list[bytes] = []
+        done: dict[int, int] = {}  # request -> frames finished in this batch (coalesced ACKs)
         last = 0
         for k, off, fend in frames:
             last = fend
@@ -254,14 +308,21 @@ def role_consumer(addr: str, out_path: str, direct: bool, expect: int) -> None:
                 ts = struct.unpack_from("<q", buf, p)[0]
                 if ts:
                     lat.append(now - ts)
-                if not direct:
-                    acks.append(ack_fixed + bytes(buf[off + 10 : off + 26]))
+                if coalesce:
+                    done[h[6]] = done.get(h[6], 0) + 1
+                elif not direct:
+                    acks.append(frame(ACK, struct.unpack_from(f"<{h[4]}Q", buf, off + 10)))
             elif k == GROUP_CLOSED:
                 h = HEADER.unpack_from(buf, off)
-                acks.append(frame(ACK, struct.unpack_from(f"<{h[4]}Q", buf, off + 10)))
+                if coalesce:
+                    done[h[6]] = done.get(h[6], 0) + 1
+                else:
+                    acks.append(frame(ACK, struct.unpack_from(f"<{h[4]}Q", buf, off + 10)))
             elif k == STOP:
                 end = 0
                 break
+        for rid, n in done.items():
+            acks.append(frame(ACK, (rid,), payload=n.to_bytes(4, "little")))
         if acks:
             s.sendall(b"".join(acks))
         buf[: end - last] = buf[last:end]
@@ -290,11 +351,21 @@ def wait_file(p: Path, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-def run_direct(tmp: Path, frames: int, rate: float) -> dict[str, object]:
+def run_direct(tmp: Path, frames: int, rate: float, walk: bool = False) -> dict[str, object]:
     addr = str(tmp / f"direct-{time.monotonic_ns()}.sock")
     out = tmp / f"direct-{time.monotonic_ns()}.json"
+    extra = ["--walk"] if walk else []
     cons = spawn(
-        "--role", "consumer", "--addr", addr, "--out", str(out), "--direct", "--expect", str(frames)
+        "--role",
+        "consumer",
+        "--addr",
+        addr,
+        "--out",
+        str(out),
+        "--direct",
+        "--expect",
+        str(frames),
+        *extra,
     )
     wait_file(Path(str(out) + ".ready"))
     t0 = time.perf_counter()
@@ -394,6 +465,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--pipeline")
     ap.add_argument("--direct", action="store_true")
+    ap.add_argument("--walk", action="store_true")
     ap.add_argument("--expect", type=int, default=0)
     ap.add_argument("--per-request", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=0)
@@ -407,7 +479,7 @@ def main() -> None:
     if a.role == "producer":
         return role_producer(a.addr, a.per_request, a.rate, a.direct)
     if a.role == "consumer":
-        return role_consumer(a.addr, a.out, a.direct, a.expect)
+        return role_consumer(a.addr, a.out, a.direct, a.expect, a.walk)
 
     requests = a.requests or (100 if a.quick else 600)
     per_request = 1000
@@ -415,26 +487,34 @@ def main() -> None:
     lat_frames = int(a.latency_rate * (1.0 if a.quick else a.latency_seconds))
     with tempfile.TemporaryDirectory(prefix="alto-bench-") as d:
         tmp = Path(d)
+        walk = run_direct(tmp, total, 0, walk=True)
         direct = run_direct(tmp, total, 0)
         relay = run_relay(tmp, requests, per_request, 0, window=64)
         direct_lat = run_direct(tmp, lat_frames, a.latency_rate)
         relay_lat = run_relay(tmp, 1, lat_frames, a.latency_rate, window=1)
-    d_fps = float(direct["count"]) / float(direct["wall"])  # type: ignore[arg-type]
-    r_fps = float(relay["count"]) / float(relay["wall"])  # type: ignore[arg-type]
+
+    def fps(r: dict[str, object]) -> float:
+        return float(r["count"]) / float(r["wall"])  # type: ignore[arg-type]
+
+    w_fps, d_fps, r_fps = fps(walk), fps(direct), fps(relay)
     dl: list[int] = direct_lat["lat"]  # type: ignore[assignment]
     rl: list[int] = relay_lat["lat"]  # type: ignore[assignment]
+    frame_bytes = 4 + 6 + 16 + 5 + PAYLOAD
     print(
-        f"alto relay benchmark ({os.cpu_count()} cores, {PAYLOAD}-byte payloads, frames of {4 + 6 + 16 + 5 + PAYLOAD} bytes)"
+        f"alto relay benchmark ({os.cpu_count()} cores, {PAYLOAD}-byte payloads, frames of {frame_bytes} bytes)"
     )
     print()
-    print("| path | frames | seconds | frames/s | share of direct |")
+    print("| path | frames | seconds | frames/s | share of the limit |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(
-        f"| direct, one UNIX socket | {direct['count']} | {float(direct['wall']):.2f} | {d_fps:,.0f} | 1.00 |"
-    )  # type: ignore[arg-type]
-    print(
-        f"| through the runtime (hash on key path, credits, acks, group close) | {relay['count']} | {float(relay['wall']):.2f} | {r_fps:,.0f} | {r_fps / d_fps:.3f} (1/{d_fps / r_fps:.1f}) |"
-    )  # type: ignore[arg-type]
+    rows = [
+        ("direct, one UNIX socket, reader walks length prefixes (the limit)", walk, w_fps),
+        ("direct, one UNIX socket, reader unpacks every header", direct, d_fps),
+        ("through the runtime (hash on key path, credits, acks, group close)", relay, r_fps),
+    ]
+    for name, r, f in rows:
+        print(
+            f"| {name} | {r['count']} | {float(r['wall']):.2f} | {f:,.0f} | {f / w_fps:.3f} (1/{w_fps / f:.1f}) |"
+        )  # type: ignore[arg-type]
     print()
     print(f"One-way latency at {a.latency_rate:,.0f} frames/s (microseconds)")
     print()
@@ -447,10 +527,10 @@ def main() -> None:
     )
     print()
     ok_fps = r_fps >= 300_000
-    ok_ratio = r_fps >= d_fps / 8
+    ok_ratio = r_fps >= w_fps / 8
     ok_lat = pct(rl, 0.99) - pct(dl, 0.99) < 500
     print(
-        f"targets: >= 300k frames/s: {'met' if ok_fps else 'MISSED'}; >= 1/8 of direct: {'met' if ok_ratio else 'MISSED'}; "
+        f"targets: >= 300k frames/s: {'met' if ok_fps else 'MISSED'}; >= 1/8 of the limit: {'met' if ok_ratio else 'MISSED'}; "
         f"added p99 < 500 us at {a.latency_rate:,.0f}/s: {'met' if ok_lat else 'MISSED'}"
     )
 

@@ -33,9 +33,13 @@ _OUT_HIGH_WATER = 4 * 1024 * 1024
 
 
 class _Output:
-    def __init__(self, stream: ByteStream, max_frame_size: int) -> None:
+    def __init__(
+        self, stream: ByteStream, max_frame_size: int, coalesce_acks: bool = False
+    ) -> None:
         self.stream = stream
         self.max_frame_size = max_frame_size
+        self.coalesce_acks = coalesce_acks
+        self.acks: dict[int, int] = {}  # request id -> frames done, sent at the next flush
         self.buf = bytearray()
         self.wake = anyio.Event()
         self.drained = anyio.Event()
@@ -51,8 +55,26 @@ class _Output:
         self.buf += data
         self.wake.set()
 
+    def ack(self, key_path: tuple[int, ...]) -> None:
+        """Acknowledge one input. Where the runtime allows it, acknowledgements of one
+        request are coalesced into one ACK carrying a count, appended at the next flush:
+        still after every output written so far, which is all the order requires."""
+        if self.coalesce_acks:
+            rid = key_path[0]
+            self.acks[rid] = self.acks.get(rid, 0) + 1
+            self.wake.set()
+        else:
+            self.send_nowait(encode(FrameKind.ACK, key_path))
+
+    def _take_acks(self) -> None:
+        if self.acks:
+            acks, self.acks = self.acks, {}
+            for rid, n in acks.items():
+                self.buf += encode(FrameKind.ACK, (rid,), payload=n.to_bytes(4, "little"))
+
     async def flusher(self) -> None:
         while True:
+            self._take_acks()
             if not self.buf:
                 self.drained.set()
                 if self.closed:
@@ -152,7 +174,7 @@ class Worker:
         )
         self.instance = int(welcome["instance"])
         decoder.max_frame_size = int(welcome["max_frame_size"])
-        out = _Output(stream, decoder.max_frame_size)
+        out = _Output(stream, decoder.max_frame_size, bool(welcome.get("coalesce_acks", False)))
         info = StageInfo(
             self.stage.name,
             self.instance,
@@ -216,7 +238,7 @@ class Worker:
                 if not isinstance(exc, StageError):
                     traceback.print_exc()
                 out.send_nowait(encode(FrameKind.ERROR, frame.key_path, payload=detail.encode()))
-            out.send_nowait(encode(FrameKind.ACK, frame.key_path))
+            out.ack(frame.key_path)
         finally:
             limit.release()
 

@@ -451,6 +451,8 @@ class Runtime:
                         "stage_index": st.index,
                         "credits": inst.credits,
                         "child_tag": st.child_tag,
+                        # The runtime needs exact paths only where it tracks them.
+                        "coalesce_acks": not (st.tracked or st.retains),
                         "max_frame_size": self.limits.max_frame_size,
                     }
                 ).encode(),
@@ -527,10 +529,14 @@ class Runtime:
         The hot path. DATA into a pinned group or a keyless stage and ACK of an untracked
         stage are handled inline (relay-notes: per-frame work is the ceiling at 100 B, so
         no calls, one unpack, dict lookups only); everything else goes to the general
-        methods below, which do the same and more.
+        methods below, which do the same and more. Consecutive frames for one destination
+        leave as one slice of the receive buffer (a *run*), so a batch of N frames costs
+        one copy and one append, not N; any other action first flushes the run, so the
+        order on every connection is the order of arrival.
         """
         max_size = self.limits.max_frame_size
         unpack = HEADER.unpack_from
+        unpack_count = _U32.unpack_from
         requests = self.requests
         routes = self.routes
         st = inst.stage
@@ -538,12 +544,22 @@ class Runtime:
         src_children = st.tracks_children or st.retains  # their DATA with LAST does
         off = 0
         n_in = 0
+        run_conn: _Conn | None = None  # the destination of the run buf[run_start:off]
+        run_start = 0
+        # Caches for runs of frames alike, valid within this scan (groups close only after
+        # it; a request that fails meanwhile is no longer in ``requests``): the last queue
+        # name and its route, and the last level-1 group (its key is the request id).
+        last_q = b"\x00"  # no queue name is a NUL byte
+        last_dst: _Stage | None = None
+        last_rid = -1
+        last_inst: _Instance | None = None
+        relayed = 0
         while end - off >= 18:
-            size = _U32.unpack_from(buf, off)[0]
+            h = unpack(buf, off)
+            size = h[0]
             fend = off + 4 + size
             if fend > end:
                 break
-            h = unpack(buf, off)
             if (
                 size < 14
                 or size + 4 > max_size
@@ -554,49 +570,76 @@ class Runtime:
             n_in += 1
             kind = h[1]
             if kind == _DATA and not (src_children and h[2] & _LAST):
-                req = requests.get(h[6])
+                rid = h[6]
+                req = requests.get(rid)
                 q0 = off + 10 + 8 * h[4]
-                dst = routes.get(bytes(buf[q0 : q0 + h[3]]))
+                if h[3] == len(last_q) and buf.startswith(last_q, q0):
+                    dst = last_dst
+                else:
+                    last_q = bytes(buf[q0 : q0 + h[3]])
+                    dst = last_dst = routes.get(last_q)
+                inst2: _Instance | None = None
                 if req is not None and dst is not None and not dst.tracked and not dst.retains:
-                    if dst.level:
+                    if dst.level == 1:
+                        if rid == last_rid and last_inst is not None and last_inst.stage is dst:
+                            inst2 = last_inst
+                        else:
+                            inst2 = dst.groups.get(bytes(buf[off + 10 : off + 18]))
+                            last_rid, last_inst = rid, inst2
+                    elif dst.level:
                         if h[4] >= dst.level:
                             inst2 = dst.groups.get(bytes(buf[off + 10 : off + dst.key_end]))
-                        else:
-                            inst2 = None
                     elif not h[5]:
                         try:
                             inst2 = dst.instances[dst.scheduler.choose(None, dst.loads)]
                         except NoInstanceError:
                             inst2 = None
+                if inst2 is not None and req is not None and dst is not None:
+                    relayed += 1
+                    req.live_total += 1
+                    inst2.depth += 1
+                    dst.loads[inst2.id] = inst2.depth
+                    rc = inst2.req_counts
+                    rc[rid] = rc.get(rid, 0) + 1
+                    conn2 = inst2.conn
+                    if inst2.inflight < inst2.credits and not inst2.backlog and conn2 is not None:
+                        inst2.inflight += 1
+                        inst2.frames_out += 1
+                        if run_conn is not conn2:
+                            if run_conn is not None:
+                                run_conn.send(buf[run_start:off])
+                            run_conn, run_start = conn2, off
                     else:
-                        inst2 = None
-                    if inst2 is not None:
-                        self.frames_relayed += 1
-                        req.live_total += 1
-                        rid = h[6]
-                        inst2.depth += 1
-                        dst.loads[inst2.id] = inst2.depth
-                        rc = inst2.req_counts
-                        rc[rid] = rc.get(rid, 0) + 1
-                        if inst2.inflight < inst2.credits and not inst2.backlog:
-                            inst2.inflight += 1
-                            inst2.frames_out += 1
-                            inst2.conn.send(buf[off:fend])  # type: ignore[union-attr]
-                        else:
-                            inst2.backlog.append(bytes(buf[off:fend]))
-                            if len(inst2.backlog) > self.limits.backlog_limit:
-                                self._overfull.append(inst2)
-                        off = fend
-                        continue
+                        if run_conn is not None:
+                            run_conn.send(buf[run_start:off])
+                            run_conn = None
+                        inst2.backlog.append(bytes(buf[off:fend]))
+                        if len(inst2.backlog) > self.limits.backlog_limit:
+                            self._overfull.append(inst2)
+                    off = fend
+                    continue
+                if run_conn is not None:
+                    run_conn.send(buf[run_start:off])
+                    run_conn = None
+                last_inst = None  # the general path may open or fail groups
                 self._route(st, buf, off, fend, h)
+            elif run_conn is not None:
+                run_conn.send(buf[run_start:off])
+                run_conn = None
+                n_in -= 1
+                continue  # handle this frame again, with no run open
             elif kind == _ACK and not src_tracked:
+                # Coalesced: an untracked stage may acknowledge n frames of one request
+                # with one ACK whose payload is n (u32); no payload means 1.
                 rid = h[6]
-                inst.inflight -= 1
-                inst.depth -= 1
+                p = off + 10 + 8 * h[4] + h[3] + h[5]
+                n = unpack_count(buf, p)[0] if fend - p >= 4 else 1
+                inst.inflight -= n
+                inst.depth -= n
                 st.loads[inst.id] = inst.depth
-                st.frames_processed += 1
+                st.frames_processed += n
                 rc = inst.req_counts
-                c = rc.get(rid, 0) - 1
+                c = rc.get(rid, 0) - n
                 if c > 0:
                     rc[rid] = c
                 else:
@@ -605,8 +648,8 @@ class Runtime:
                     self._refill(inst)
                 req = requests.get(rid)
                 if req is not None:
-                    req.live_total -= 1
-                    if req.live_total == 0:
+                    req.live_total -= n
+                    if req.live_total <= 0:
                         self._dirty.add(req)
                 if (
                     inst.state == InstanceState.DRAINING
@@ -615,9 +658,13 @@ class Runtime:
                 ):
                     self._finish_drain(inst)
             else:
+                last_inst = None
                 self._instance_frame(inst, buf, off, fend, h)
             off = fend
+        if run_conn is not None:
+            run_conn.send(buf[run_start:off])
         inst.frames_in += n_in
+        self.frames_relayed += relayed
         return off
 
     def _refill(self, inst: _Instance) -> None:
