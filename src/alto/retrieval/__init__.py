@@ -11,13 +11,14 @@ extra) are imported only when an index or a reranker is built.
 """
 
 from ._bm25 import BM25Index, StreamingQuery, tokenize
-from ._colbert import MaxSimReranker, RerankerStatistics, from_bytes, maxsim, to_bytes
+from ._colbert import MaxSimReranker, PassageStore, RerankerStatistics, from_bytes, maxsim, to_bytes
 from ._corpus import Passage, Question, load_passages, load_questions
 
 __all__ = [
     "BM25Index",
     "MaxSimReranker",
     "Passage",
+    "PassageStore",
     "Question",
     "RerankerStatistics",
     "StreamingQuery",

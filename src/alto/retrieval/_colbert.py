@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MaxSimReranker",
+    "PassageStore",
     "RerankerStatistics",
     "from_bytes",
     "maxsim",
@@ -201,6 +202,7 @@ class MaxSimReranker:
             self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
+        self._store: PassageStore | None = None
         self._hits = 0
         self._misses = 0
         # Stage code may encode from several worker threads; the cache is shared.
@@ -223,8 +225,16 @@ class MaxSimReranker:
         if len(keys) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(keys)} ids")
         found: dict[int, torch.Tensor] = {}
+        store = self._store
+        if store is not None:  # precomputed offline, as a ColBERT index is
+            for i, key in enumerate(keys):
+                emb = store.get(key)
+                if emb is not None:
+                    found[i] = emb
         with self._lock:
             for i, key in enumerate(keys):
+                if i in found:
+                    continue
                 hit = self._cache.get(key)
                 if hit is not None:
                     self._cache.move_to_end(key)
@@ -243,6 +253,10 @@ class MaxSimReranker:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return [found[i].float() for i in range(len(keys))]
+
+    def use_store(self, store: PassageStore | None) -> None:
+        """Look passages up in ``store`` (precomputed encodings) before encoding them."""
+        self._store = store
 
     def score(self, query_emb: Embedding, passage_embs: Sequence[Embedding]) -> list[float]:
         """MaxSim of the query against each passage (see :func:`maxsim`)."""
@@ -336,3 +350,78 @@ def _as_tensor(embedding: Embedding, device: torch.device | str | None = None) -
     else:
         tensor = embedding.float()
     return tensor if device is None else tensor.to(device)
+
+
+class PassageStore:
+    """Passage encodings computed offline, as a ColBERT index holds them.
+
+    Late interaction pays off because documents are encoded once, ahead of time; only the
+    query is encoded per request. :meth:`build` encodes every passage with a reranker and
+    writes ``tokens.npy`` (all token vectors, float16, rows concatenated), ``offsets.npy``
+    (passage i is rows ``offsets[i]:offsets[i+1]``) and ``ids.json`` to a directory;
+    :meth:`load` maps them back (memory-mapped, so many stage processes share the pages).
+    Encodings are the same float16 values the reranker computes online, so scores do not
+    depend on whether a passage came from the store.
+    """
+
+    def __init__(self, tokens: Any, offsets: Any, ids: Sequence[str], model_path: str) -> None:
+        self._tokens = tokens
+        self._offsets = offsets
+        self._index = {pid: i for i, pid in enumerate(ids)}
+        self.model_path = model_path
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, pid: Hashable) -> torch.Tensor | None:
+        import numpy as np
+        import torch
+
+        i = self._index.get(pid)  # type: ignore[call-overload]
+        if i is None:
+            return None
+        a, b = int(self._offsets[i]), int(self._offsets[i + 1])
+        return torch.from_numpy(np.array(self._tokens[a:b], dtype=np.float16))
+
+    @classmethod
+    def build(
+        cls,
+        reranker: MaxSimReranker,
+        passages: Sequence[tuple[str, str]],
+        directory: str | Path,
+        *,
+        batch: int = 64,
+    ) -> PassageStore:
+        """Encode ``(passage_id, text)`` pairs and save them under ``directory``."""
+        import numpy as np
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        chunks: list[npt.NDArray[np.float16]] = []
+        offsets = [0]
+        for start in range(0, len(passages), batch):
+            part = passages[start : start + batch]
+            for emb in reranker._encode([t for _, t in part], query=False):
+                arr = emb.numpy().astype(np.float16)
+                chunks.append(arr)
+                offsets.append(offsets[-1] + len(arr))
+        tokens = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float16)
+        np.save(d / "tokens.npy", tokens)
+        np.save(d / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        (d / "ids.json").write_text(
+            json.dumps(
+                {"ids": [pid for pid, _ in passages], "model_path": str(reranker.model_path)}
+            )
+        )
+        return cls.load(d)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PassageStore:
+        """Map a store written by :meth:`build`. Raises FileNotFoundError if absent."""
+        import numpy as np
+
+        d = Path(directory)
+        meta = json.loads((d / "ids.json").read_text())
+        tokens = np.load(d / "tokens.npy", mmap_mode="r")
+        offsets = np.load(d / "offsets.npy")
+        return cls(tokens, offsets, meta["ids"], meta.get("model_path", ""))
