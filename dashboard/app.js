@@ -150,6 +150,7 @@
       columns.append(column);
     }
     state.layoutKey = "";
+    drawEdges();                  // the arrows need no stats: draw them before the first event
   }
 
   function stageCard(stage) {
@@ -208,14 +209,35 @@
     ]);
   }
 
+  // An edge that skips a column would run straight behind the cards in between (and its
+  // labels would land inside them): such an edge leaves its source low, runs in a lane
+  // under the lowest card of the columns it skips, and rises to its target. Lanes that
+  // share a stretch are stacked, and the graph grows at the bottom to make room for them.
+  const LANE_GAP = 24;            // from the bottom of the cards skipped to the lane
+  const LANE_STEP = 34;           // between stacked lanes (room for both labels)
+  const LABEL_ROOM = 22;          // below a lane: the routing label
+  const PAD_BOTTOM = 8;           // .columns' own padding at the bottom
+
+  function sampleCubic(p0, p1, p2, p3, n) {
+    const points = [];
+    for (let i = 1; i < n; i++) {
+      const t = i / n, u = 1 - t;
+      const a = u * u * u, b = 3 * u * u * t, c = 3 * u * t * t, d = t * t * t;
+      points.push([a * p0[0] + b * p1[0] + c * p2[0] + d * p3[0], a * p0[1] + b * p1[1] + c * p2[1] + d * p3[1]]);
+    }
+    return points;
+  }
+
+  function inside(point, rect, margin) {
+    return point[0] > rect.left - margin && point[0] < rect.right + margin &&
+      point[1] > rect.top - margin && point[1] < rect.bottom + margin;
+  }
+
   function drawEdges() {
     const graph = $("graph");
     const svg = $("edges");
+    const columns = $("columns");
     const box = graph.getBoundingClientRect();
-    const width = $("columns").scrollWidth;
-    const height = $("columns").scrollHeight;
-    svg.setAttribute("width", width);
-    svg.setAttribute("height", height);
     const ns = "http://www.w3.org/2000/svg";
     const parts = [];
     const defs = document.createElementNS(ns, "defs");
@@ -224,33 +246,87 @@
     parts.push(defs);
     const node = (name) => document.querySelector(`[data-stage="${CSS.escape(name)}"].stage`) ||
       document.querySelector(`[data-node="${CSS.escape(name)}"]`);
+    // Every card and endpoint in graph coordinates, with the index of its column.
+    const columnList = [...columns.children];
+    const place = (elem) => {
+      const r = elem.getBoundingClientRect();
+      const left = r.left - box.left + graph.scrollLeft, top = r.top - box.top;
+      return { left, top, right: left + r.width, bottom: top + r.height, height: r.height,
+        column: columnList.indexOf(elem.closest(".column")), endpoint: elem.classList.contains("endpoint") };
+    };
+    const boxes = new Map();
+    for (const elem of columns.querySelectorAll(".stage, .endpoint")) boxes.set(elem, place(elem));
+    let cardsBottom = 0;
+    for (const b of boxes.values()) cardsBottom = Math.max(cardsBottom, b.bottom);
+    const lanes = [];             // [left, right, y] of the lanes drawn so far
+    let needed = 0;               // the lowest point a lane and its labels reach
+
+    const label = (x, y, text, cls) => {
+      const t = document.createElementNS(ns, "text");
+      t.setAttribute("x", x); t.setAttribute("y", y);
+      t.setAttribute("text-anchor", "middle");
+      if (cls) t.setAttribute("class", cls);
+      t.textContent = text;
+      parts.push(t);
+    };
+
     for (const edge of state.pipeline.edges) {
       const a = node(edge.from), b = node(edge.to);
       if (!a || !b) continue;
-      const ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
-      const x1 = ra.right - box.left + graph.scrollLeft, y1 = ra.top + ra.height / 2 - box.top;
-      const x2 = rb.left - box.left + graph.scrollLeft - 2, y2 = rb.top + rb.height / 2 - box.top;
+      const ra = boxes.get(a), rb = boxes.get(b);
+      const routing = edge.to === "sink" ? null : edge.routing +
+        (edge.aggregate_level !== null && edge.aggregate_level !== undefined ? " @" + edge.aggregate_level : "");
+      let x1 = ra.right, y1 = ra.top + ra.height / 2;
+      let x2 = rb.left - 2, y2 = rb.top + rb.height / 2;
+      // The cards of the columns between the two ends, if the edge skips any.
+      const between = [...boxes.entries()]
+        .filter(([elem, r]) => elem !== a && elem !== b && r.column > ra.column && r.column < rb.column)
+        .map(([, r]) => r);
       const dx = Math.max(30, (x2 - x1) / 2);
+      const curve = [[x1, y1], [x1 + dx, y1], [x2 - dx, y2], [x2, y2]];
+      const [mx, my] = [(x1 + x2) / 2, (y1 + y2) / 2];
+      // The plain curve is kept while it, and its labels, stay clear of those cards.
+      const blocked = between.some((r) =>
+        sampleCubic(...curve, 32).some((p) => inside(p, r, 6)) ||
+        inside([mx, my], r, 24));
       const path = document.createElementNS(ns, "path");
-      path.setAttribute("d", `M${x1},${y1} C${x1 + dx},${y1} ${x2 - dx},${y2} ${x2},${y2}`);
       path.setAttribute("marker-end", "url(#arrow)");
       path.setAttribute("data-edge", `${edge.from}->${edge.to}`);
-      parts.push(path);
-      const mx = (x1 + x2) / 2, my = (y1 + y2) / 2;
-      const queue = document.createElementNS(ns, "text");
-      queue.setAttribute("x", mx); queue.setAttribute("y", my - 8);
-      queue.setAttribute("text-anchor", "middle"); queue.setAttribute("class", "queue");
-      queue.textContent = edge.queue;
-      parts.push(queue);
-      if (edge.to !== "sink") {
-        const routing = document.createElementNS(ns, "text");
-        routing.setAttribute("x", mx); routing.setAttribute("y", my + 16);
-        routing.setAttribute("text-anchor", "middle");
-        routing.textContent = edge.routing + (edge.aggregate_level !== null && edge.aggregate_level !== undefined
-          ? " @" + edge.aggregate_level : "");
-        parts.push(routing);
+      if (!blocked) {
+        path.setAttribute("d", `M${x1},${y1} C${curve[1]} ${curve[2]} ${x2},${y2}`);
+        parts.push(path);
+        label(mx, my - 8, edge.queue, "queue");
+        if (routing !== null) label(mx, my + 16, routing);
+        continue;
       }
+      const left = Math.min(...between.map((r) => r.left));
+      const right = Math.max(...between.map((r) => r.right));
+      let lane = Math.max(...between.map((r) => r.bottom)) + LANE_GAP;
+      for (let moved = true; moved;) {
+        moved = false;
+        for (const [l, r, y] of lanes) {
+          if (l < right && r > left && Math.abs(y - lane) < LANE_STEP) { lane = y + LANE_STEP; moved = true; }
+        }
+      }
+      lanes.push([left, right, lane]);
+      needed = Math.max(needed, lane + (routing !== null ? LABEL_ROOM : 8));
+      // Leave and enter a card low, clear of the labels of its straight edges.
+      if (!ra.endpoint) y1 = Math.min(ra.bottom - 6, Math.max(y1 + 28, ra.bottom - 14));
+      if (!rb.endpoint) y2 = Math.min(rb.bottom - 6, Math.max(y2 + 28, rb.bottom - 14));
+      const c1 = (left - x1) / 2, c2 = (x2 - right) / 2;
+      path.setAttribute("d", `M${x1},${y1} C${x1 + c1},${y1} ${left - c1},${lane} ${left},${lane} ` +
+        `L${right},${lane} C${right + c2},${lane} ${x2 - c2},${y2} ${x2},${y2}`);
+      parts.push(path);
+      const lx = (left + right) / 2;
+      label(lx, lane - 8, edge.queue, "queue");
+      if (routing !== null) label(lx, lane + 16, routing);
     }
+    // Room under the cards for the lanes: padding at the bottom moves no card (the
+    // columns are centred in the content box, which the tallest column sets).
+    const extra = Math.ceil(needed - cardsBottom);
+    columns.style.paddingBottom = extra > PAD_BOTTOM ? `${extra}px` : "";
+    svg.setAttribute("width", columns.scrollWidth);
+    svg.setAttribute("height", columns.scrollHeight);
     svg.replaceChildren(...parts);
   }
 

@@ -3,11 +3,13 @@
 The control plane runs in a background thread with its own ``trio.run`` while a load
 generator posts requests through the HTTP ingress, so queue depths move. The test loads
 the page, watches depths change, scales a stage up with the token and saves a screenshot to
-``artifacts/dashboard.png``.
+``artifacts/dashboard.png``. A second test gives the pipeline edges that skip columns and
+checks that every arrow stays visible, routed around the cards it does not connect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -25,6 +27,7 @@ import trio
 from control_fake import FakeRuntime
 
 from alto.control import serve_control
+from alto.dataplane._stats import RuntimeStatistics
 
 pytestmark = [
     pytest.mark.browser,
@@ -111,6 +114,27 @@ def server() -> Iterator[_ServerThread]:
         thread.stop()
 
 
+class _SkippingRuntime(FakeRuntime):
+    """The wordcount pipeline, plus edges that skip columns, as in the demo pipeline
+    (``square --partials--> sink`` past ``total``): ``score`` and ``split`` also write to
+    the sink, past ``sum`` and past ``score`` and ``sum``."""
+
+    def statistics(self) -> RuntimeStatistics:
+        stats = super().statistics()
+        skipping = (("score", "scores", "sink"), ("split", "words", "sink"))
+        return dataclasses.replace(stats, edges=(*stats.edges, *skipping))
+
+
+@pytest.fixture
+def skipping_server() -> Iterator[_ServerThread]:
+    thread = _ServerThread(_SkippingRuntime(step_delay=0.12))
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
 def _depths(driver: Any) -> dict[str, str]:
     script = """
         const out = {};
@@ -121,6 +145,52 @@ def _depths(driver: Any) -> dict[str, str]:
     """
     result: dict[str, str] = driver.execute_script(script)
     return result
+
+
+# Samples points along every arrow (in viewport coordinates, like the cards' rects) and
+# reports an arrow that passes behind a card other than its two ends, one that is mostly
+# hidden, and a label whose centre lies on a card.
+_EDGE_CHECK = """
+    const cards = [...document.querySelectorAll('#columns .stage, #columns .endpoint')]
+      .map((node) => [node, node.getBoundingClientRect()]);
+    const name = (node) => node.dataset.stage || node.dataset.node;
+    const within = (p, r) => p.x > r.left + 1 && p.x < r.right - 1 && p.y > r.top + 1 && p.y < r.bottom - 1;
+    const node = (n) => document.querySelector(`.stage[data-stage="${CSS.escape(n)}"]`) ||
+      document.querySelector(`[data-node="${CSS.escape(n)}"]`);
+    const problems = [];
+    const paths = document.querySelectorAll('#edges path[data-edge]');
+    for (const path of paths) {
+      const [from, to] = path.dataset.edge.split('->');
+      const ends = [node(from), node(to)];
+      const ctm = path.getScreenCTM(), length = path.getTotalLength(), n = 60;
+      const samples = [];
+      for (let i = 1; i < n; i++) samples.push(path.getPointAtLength(length * i / n).matrixTransform(ctm));
+      for (const [card, rect] of cards) {
+        if (ends.includes(card)) continue;
+        const hidden = samples.filter((p) => within(p, rect)).length;
+        if (hidden) problems.push(`${path.dataset.edge}: ${hidden}/${samples.length} points behind ${name(card)}`);
+      }
+      const visible = samples.filter((p) => !cards.some(([, rect]) => within(p, rect))).length;
+      if (visible < samples.length * 0.8) {
+        problems.push(`${path.dataset.edge}: only ${visible}/${samples.length} points visible`);
+      }
+    }
+    for (const text of document.querySelectorAll('#edges text')) {
+      const r = text.getBoundingClientRect();
+      const centre = { x: r.left + r.width / 2, y: r.top + r.height / 2 };
+      for (const [card, rect] of cards) {
+        if (within(centre, rect)) problems.push(`label ${text.textContent} on ${name(card)}`);
+      }
+    }
+    return { edges: paths.length, problems };
+"""
+
+
+def _hidden_edges(driver: Any) -> list[str]:
+    """What _EDGE_CHECK finds wrong with the arrows now drawn (none drawn is wrong too)."""
+    result: dict[str, Any] = driver.execute_script(_EDGE_CHECK)
+    problems: list[str] = result["problems"]
+    return problems if result["edges"] else ["no edges drawn"]
 
 
 def test_dashboard(server: _ServerThread, driver: Any) -> None:
@@ -174,6 +244,7 @@ def test_dashboard(server: _ServerThread, driver: Any) -> None:
     assert server.fake.stages["sum"].target == 2
     count = driver.find_element(By.CSS_SELECTOR, '.stage[data-stage="sum"] .count').text
     assert count.endswith("/ 2")
+    assert _hidden_edges(driver) == []
 
     # Let the sparklines and charts gather a few seconds of history, then keep a picture.
     wait.until(lambda d: len(seen) >= 1 and d.execute_script("return performance.now()") > 6000)
@@ -185,3 +256,48 @@ def test_dashboard(server: _ServerThread, driver: Any) -> None:
     unexpected = [e for e in severe if "401" not in e["message"]]
     assert not unexpected, json.dumps(unexpected, indent=1)
     assert os.path.getsize(ARTIFACTS / "dashboard.png") > 10_000
+
+
+def test_dashboard_routes_edges_around_skipped_columns(
+    skipping_server: _ServerThread, driver: Any
+) -> None:
+    """An edge that skips a column must not run behind the card in between."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1)
+    driver.get(f"http://127.0.0.1:{skipping_server.port}/")
+    score = '.stage[data-stage="score"] .instance'
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, score)) == 2)
+    wait.until(lambda d: d.find_element(By.ID, "conn").text == "live")
+    # (read in one script: the arrows are redrawn with every update)
+    edges = set(
+        driver.execute_script(
+            "return [...document.querySelectorAll('#edges path[data-edge]')]"
+            ".map((p) => p.dataset.edge)"
+        )
+    )
+    assert {"score->sink", "split->sink", "sum->sink", "score->sum"} <= edges
+    assert len(edges) == 6
+    assert _hidden_edges(driver) == []
+
+    # A taller card in between (one more instance) moves the detours down with it.
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(
+        By.CSS_SELECTOR, '.stage[data-stage="score"] [data-action="scale-up"]'
+    ).click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, score)) == 3)
+    assert _hidden_edges(driver) == []
+
+    # And in a narrow window, where the graph scrolls sideways.
+    driver.set_window_size(900, 1100)
+    wait.until(lambda d: d.execute_script("return document.body.clientWidth") < 1000)
+    wait.until(lambda d: _hidden_edges(d) == [])
+    graph = driver.find_element(By.ID, "graph")
+    driver.execute_script("arguments[0].scrollLeft = arguments[0].scrollWidth", graph)
+    wait.until(lambda d: _hidden_edges(d) == [])
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard-skipping.png"))
+
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, json.dumps(severe, indent=1)
