@@ -98,6 +98,14 @@ class Client:
             assert ev is None or isinstance(ev, Frame)
             return ev
 
+    @staticmethod
+    def _deliver(ch: trio.MemorySendChannel[Any], item: tuple[str, Any]) -> None:
+        """Hand an event to a submit() call; one that has already returned ignores it."""
+        try:
+            ch.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
     async def _reader(self) -> None:
         try:
             while True:
@@ -110,30 +118,28 @@ class Client:
                     ch = self._pending.pop(corr, None)
                     if ch is not None:
                         self._by_rid[rid] = ch
-                        ch.send_nowait(("accepted", rid))
+                        self._deliver(ch, ("accepted", rid))
                 elif k == FrameKind.REFUSED:
                     ch = self._pending.pop(frame.key_path[0], None)
                     if ch is not None:
-                        ch.send_nowait(("refused", frame.payload.decode()))
+                        self._deliver(ch, ("refused", frame.payload.decode()))
                 elif k == FrameKind.DATA:
                     ch = self._by_rid.get(frame.key_path[0])
                     if ch is not None:
-                        ch.send_nowait(("result", frame))
+                        self._deliver(ch, ("result", frame))
                 elif k in (FrameKind.DONE, FrameKind.ERROR):
                     ch = self._by_rid.pop(frame.key_path[0], None)
                     if ch is not None:
-                        ch.send_nowait(
+                        self._deliver(
+                            ch,
                             ("done", None)
                             if k == FrameKind.DONE
-                            else ("error", frame.payload.decode())
+                            else ("error", frame.payload.decode()),
                         )
         finally:
             self._closed = True
             for ch in [*self._pending.values(), *self._by_rid.values()]:
-                try:
-                    ch.send_nowait(("lost", None))
-                except trio.BrokenResourceError:
-                    pass  # that submit() has already returned
+                self._deliver(ch, ("lost", None))
             self._pending.clear()
             self._by_rid.clear()
 
@@ -157,7 +163,7 @@ class Client:
                 encode(FrameKind.SUBMIT, [corr], self.input_queue, message.SerializeToString())
             )
         rid = 0
-        async with recv:
+        try:
             async for kind, value in recv:
                 if kind == "accepted":
                     rid = value
@@ -173,6 +179,11 @@ class Client:
                     raise RuntimeUnavailable("the connection to the runtime was lost")
                 else:
                     return
+        finally:  # also when the caller stops early: forget this request's channel
+            recv.close()
+            self._pending.pop(corr, None)
+            if rid:
+                self._by_rid.pop(rid, None)
 
     async def run(self, message: Message) -> list[Result]:
         """Submit and collect every result (raises like :meth:`submit`)."""

@@ -113,6 +113,25 @@ class PipelineConfig:
                         todo.append(p)
         return frozenset(seen)
 
+    def feeds_fanout(self, queue: str) -> bool:
+        """Whether frames written to ``queue`` reach a fan-out stage keeping their key path
+        (through stateless, non-fan-out stages only). Such a queue must not receive two
+        messages with one key path: the fan-out stage would give both the same child ids."""
+        seen: set[str] = set()
+        todo = [queue]
+        while todo:
+            q = todo.pop()
+            st = self.consumer.get(q)
+            if st is None or st in seen:
+                continue
+            seen.add(st)
+            cfg = self.stages[st]
+            if cfg.fanout:
+                return True
+            if not cfg.stateful:
+                todo.extend(cfg.outputs)
+        return False
+
     def edges(self) -> tuple[tuple[str, str, str], ...]:
         """(from stage or "ingress", queue, to stage or "sink") for every queue."""
         out: list[tuple[str, str, str]] = []
@@ -380,7 +399,19 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
                 f"level {level} is not produced upstream: frames entering {s!r} carry key paths "
                 f"of depth {depth} (the request plus {depth - 1} fan-out level(s)); allowed: 1..{depth}",
             )  # fmt: skip
-        out_depth = depth + 1 if d["fanout"] else depth
+        if d["fanout"]:
+            feeds = [(q, p_) for q in d["inputs"] for p_ in producers.get(q, ("ingress",))]
+            if len(feeds) > 1:
+                raise ConfigError(
+                    p,
+                    f"stages.{s}.inputs",
+                    f"a fan-out stage reads one queue written by one stage; {s!r} is fed by "
+                    + ", ".join(f"{src} via {q}" for q, src in feeds)
+                    + " (child ids are counted per input key path; inputs from two producers could share one)",
+                )
+        # A stateful stage writes with the group's key path (depth = its level).
+        base = level if level is not None else depth
+        out_depth = base + 1 if d["fanout"] else base
         for q in d["outputs"]:
             if depth_of_queue.setdefault(q, out_depth) != out_depth:
                 raise ConfigError(
@@ -412,12 +443,17 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
         ("credits", "max_inflight_requests", "backlog_limit", "max_frame_size", "stop_timeout")
     )
     d = RuntimeLimits()
+    stop_timeout = float(rt.get("stop_timeout", (int, float), d.stop_timeout))
+    if not stop_timeout > 0 or stop_timeout == float("inf"):
+        raise ConfigError(
+            p, "runtime.stop_timeout", f"must be a positive number of seconds, got {stop_timeout}"
+        )
     limits = RuntimeLimits(
         credits=rt.positive("credits", d.credits),
         max_inflight_requests=rt.positive("max_inflight_requests", d.max_inflight_requests),
         backlog_limit=rt.positive("backlog_limit", d.backlog_limit),
         max_frame_size=rt.positive("max_frame_size", d.max_frame_size, minimum=1024),
-        stop_timeout=float(rt.get("stop_timeout", (int, float), d.stop_timeout)),
+        stop_timeout=stop_timeout,
     )
     stages: dict[str, StageDeployment] = {}
     for sname, sdata in top.table("stages", {}).items():
@@ -433,8 +469,10 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
 
 
 def resolve(ref: str, *, what: str = "object") -> Any:
-    """Import ``module:attr`` (attr may be dotted). Raises ConfigError-free ImportError
-    subclasses translated by callers; here: ValueError with the reference named."""
+    """Import ``module:attr`` (attr may be dotted).
+
+    Raises ValueError naming the reference when the module or attribute is missing.
+    """
     mod_name, _, attr = ref.partition(":")
     try:
         obj: Any = importlib.import_module(mod_name)

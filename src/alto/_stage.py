@@ -68,6 +68,7 @@ class StageInfo:
     outputs: dict[str, type[Message]]  # output queue -> message class
     child_tag: int = 0
     aggregate_level: int = 0  # stateful stages: the group is the key path's first L ids
+    fanout_queues: frozenset[str] = frozenset()  # outputs that lead to a fan-out stage
 
 
 class Context:
@@ -78,6 +79,8 @@ class Context:
         self._out = out
         self.key_path = key_path
         self._next_child = 0
+        self._fed: set[str] = set()  # fan-out-feeding queues written once already
+        self.closing_group = False  # set for a group_closed call
 
     @property
     def stage(self) -> str:
@@ -138,7 +141,8 @@ class Context:
             raise self._error("is not declared fanout = true, so it cannot open children")
         c = self._info.child_tag | self._next_child
         self._next_child += 1
-        return (*self.key_path, c)
+        level = self._info.aggregate_level
+        return (*(self.key_path[:level] if level else self.key_path), c)
 
     async def write(
         self,
@@ -175,7 +179,23 @@ class Context:
         else:
             if id is not None and id != self.request_id:
                 raise self._error(f"id={id} is not this input's request id {self.request_id}")
-            await self._out.send(self._encode(queue, obj, self.key_path, prompt_key, 0))
+            level = self._info.aggregate_level
+            # A stateful stage writes with its group's key path (what the config counts on).
+            path = self.key_path[:level] if level else self.key_path
+            if queue in self._info.fanout_queues:
+                if level and not self.closing_group:
+                    raise self._error(
+                        f"queue {queue!r} leads to a fan-out stage: a stateful stage writes to it "
+                        "from group_closed (once per group), not per item"
+                    )
+                if queue in self._fed:
+                    raise self._error(
+                        f"a second message with key path {list(path)} to queue {queue!r}, which leads "
+                        "to a fan-out stage: both would get the same child ids. Declare this stage "
+                        "fanout = true, or give each its own key path with constraints=[...]"
+                    )
+                self._fed.add(queue)
+            await self._out.send(self._encode(queue, obj, path, prompt_key, 0))
 
     def child(self) -> Child:
         """Open a child stream: many writes under one new key-path id, closed on exit."""

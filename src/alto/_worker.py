@@ -48,7 +48,8 @@ class _Output:
     async def send(self, data: bytes) -> None:
         self.send_nowait(data)
         if len(self.buf) > _OUT_HIGH_WATER:
-            self.drained = anyio.Event()
+            if self.drained.is_set():  # one event for all writers waiting now
+                self.drained = anyio.Event()
             await self.drained.wait()
 
     def send_nowait(self, data: bytes) -> None:
@@ -182,6 +183,7 @@ class Worker:
             self.out_types,
             int(welcome.get("child_tag", 0)),
             self.stage.aggregate_level or 0,
+            frozenset(q for q in self.stage.outputs if self.pipeline.feeds_fanout(q)),
         )
         limit = anyio.Semaphore(1 if self.stage.stateful else self.stage.concurrency)
         async with anyio.create_task_group() as flush_tg:
@@ -229,12 +231,18 @@ class Worker:
             ctx = Context(info, out, frame.key_path)
             try:
                 if frame.kind == FrameKind.GROUP_CLOSED:
+                    ctx.closing_group = True
                     await self.handler.group_closed(ctx)
                 else:
                     msg = self.in_types[frame.queue].FromString(frame.payload)
                     await self.handler.process(msg, ctx)
             except Exception as exc:
-                detail = f"{type(exc).__name__}: {exc}"
+                # A StageError already names stage and instance; the runtime adds them too.
+                detail = (
+                    exc.message if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+                )
+                if len(detail) > 4096:  # an error frame must stay small
+                    detail = detail[:4096] + f"... ({len(detail) - 4096} more characters)"
                 if not isinstance(exc, StageError):
                     traceback.print_exc()
                 out.send_nowait(encode(FrameKind.ERROR, frame.key_path, payload=detail.encode()))

@@ -430,6 +430,8 @@ def create_app(
             await runtime.drain(instance_id)
         except KeyError as exc:
             raise _Refusal(404, f"unknown instance {instance_id}") from exc
+        except ValueError as exc:  # e.g. the stage's last instance
+            raise _Refusal(409, str(exc)) from exc
         states = {i.instance_id: str(i.state) for i in runtime.statistics().instances}
         return _json_response(
             {"instance": instance_id, "state": states.get(instance_id, "stopped")}, 202
@@ -460,6 +462,8 @@ def create_app(
         except OverloadedError as exc:
             retry_after = max(1, math.ceil(exc.retry_after))
             raise _Refusal(429, str(exc), {"Retry-After": str(retry_after)}) from exc
+        except ValueError as exc:  # the input cannot travel as one frame
+            raise _Refusal(413, str(exc)) from exc
         except StopAsyncIteration:
             first = RequestEvent("error", 0, message="the runtime ended the request at once")
             source = _empty()

@@ -41,6 +41,7 @@ import hmac
 import itertools
 import json
 import logging
+import socket
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -73,7 +74,8 @@ _HELLO = FrameKind.HELLO
 _LAST = 1
 _U32 = struct.Struct("<I")
 _RECV_SIZE = 256 * 1024  # relay-notes: 256 KiB did best (16 KiB and 1 MiB were 30-35% slower)
-_CLIENT_OUT_LIMIT = 8 * 1024 * 1024
+_CLIENT_OUT_LIMIT = 8 * 1024 * 1024  # unsent result bytes for one client before it is cut off
+_MAX_ERROR = 4096  # characters of an error message kept (logs, clients)
 
 
 class _Conn:
@@ -84,7 +86,6 @@ class _Conn:
         self.name = name
         self.out = bytearray()
         self._lot = trio.lowlevel.ParkingLot()
-        self._drained = trio.lowlevel.ParkingLot()
         self.closed = False
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
@@ -100,8 +101,6 @@ class _Conn:
                 while not self.out:
                     if self.closed:
                         return
-                    if self._drained:
-                        self._drained.unpark_all()
                     await self._lot.park()
                 data, self.out = self.out, bytearray()
                 view = memoryview(data)
@@ -112,14 +111,18 @@ class _Conn:
             log.debug("%s: write failed: %s", self.name, exc)
             self.closed = True
 
-    async def wait_drained(self, limit: int) -> None:
-        while len(self.out) > limit and not self.closed:
-            await self._drained.park()
-
     def close(self) -> None:
         self.closed = True
         self._lot.unpark_all()
-        self._drained.unpark_all()
+
+    def abort(self) -> None:
+        """Close and shut the socket down, so that the peer sees the end at once."""
+        self.close()
+        self.out = bytearray()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class _Sink:
@@ -139,11 +142,19 @@ class _ConnSink(_Sink):
     def __init__(self, conn: _Conn, corr: int) -> None:
         self.conn, self.corr = conn, corr
 
-    def result(self, rid: int, frame: bytes) -> None:
-        self.conn.send(frame)
-
     def done(self, rid: int) -> None:
         self.conn.send(encode(FrameKind.DONE, [rid]))
+
+    def result(self, rid: int, frame: bytes) -> None:
+        if len(self.conn.out) > _CLIENT_OUT_LIMIT:
+            # Memory is bounded (invariant 5): a client that does not read its results is
+            # disconnected rather than buffered for without end.
+            log.error(
+                "a client left %d bytes of results unread; disconnecting it", len(self.conn.out)
+            )
+            self.conn.abort()
+            return
+        self.conn.send(frame)
 
     def error(self, rid: int, message: str) -> None:
         self.conn.send(encode(FrameKind.ERROR, [rid], payload=message.encode()))
@@ -151,6 +162,8 @@ class _ConnSink(_Sink):
 
 class _LocalSink(_Sink):
     """In-process consumer (the HTTP ingress): events in a deque, a lot to wake the reader."""
+
+    LIMIT = 65536  # unread events; past it the request's stream ends in an error
 
     def __init__(self) -> None:
         self.events: deque[RequestEvent] = deque()
@@ -162,6 +175,11 @@ class _LocalSink(_Sink):
         self.lot.unpark_all()
 
     def result(self, rid: int, frame: bytes) -> None:
+        if self.finished:
+            return
+        if len(self.events) >= self.LIMIT:
+            self.error(rid, f"the consumer of this request left {self.LIMIT} results unread")
+            return
         f = parse(frame, 0, len(frame))
         self._push(
             RequestEvent("result", rid, f.queue, f.key_path, f.payload, time=trio.current_time())
@@ -219,6 +237,7 @@ class _Instance:
         self.req_counts: dict[int, int] = {}
         self.unblocked = trio.lowlevel.ParkingLot()
         self.process: trio.Process | None = None
+        self.exit_code: int | None = None
         self.stopped = trio.Event()
         # Idempotent stages: the frames in flight by key path, kept until acknowledged so
         # a crash can hand them to another instance, and the paths that already produced
@@ -340,7 +359,12 @@ class Runtime:
     async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
         assert self._nursery is not None
         while True:
-            sock, _ = await listener.accept()
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:  # EMFILE, ENOBUFS...: back off as trio.serve_listeners does
+                log.error("accept failed: %s; retrying in 100 ms", exc)
+                await trio.sleep(0.1)
+                continue
             self._nursery.start_soon(self._handle, sock)
 
     def new_instance_id(self, stage: str) -> int:
@@ -382,6 +406,8 @@ class Runtime:
                         conn.close()
         except (OSError, trio.BrokenResourceError) as exc:
             log.debug("%s: %s", conn.name, exc)
+        except Exception:  # one connection's failure must never take the runtime down
+            log.exception("%s: unexpected error; closing this connection", conn.name)
 
     async def _read_hello(
         self, sock: trio.socket.SocketType
@@ -415,6 +441,16 @@ class Runtime:
 
     async def _serve_instance(self, conn: _Conn, body: dict[str, Any], rest: bytes) -> None:
         stage_name = body.get("stage")
+        iid_field = body.get("instance")
+        if not isinstance(stage_name, str) or not (iid_field is None or type(iid_field) is int):
+            conn.send(
+                encode(
+                    FrameKind.REFUSED,
+                    [0],
+                    payload=b"HELLO needs stage: str and instance: int or null",
+                )
+            )
+            return
         if stage_name not in self.stages:
             conn.send(
                 encode(FrameKind.REFUSED, [0], payload=f"unknown stage {stage_name!r}".encode())
@@ -472,11 +508,13 @@ class Runtime:
         except OSError as exc:
             reason = f"connection lost: {exc}"
         finally:
-            if not reason:
-                inst.state = InstanceState.DRAINING  # a quiet stop: the whole runtime is ending
-                reason = "the runtime is shutting down"
             if inst.state not in (InstanceState.STOPPED, InstanceState.CRASHED):
-                self.instance_lost(inst, reason)
+                if reason:
+                    if inst.exit_code is not None:
+                        reason = f"{reason} (process exited with code {inst.exit_code})"
+                    self.instance_lost(inst, reason)
+                else:  # cancelled: the whole runtime is ending, a quiet stop
+                    self.instance_lost(inst, "the runtime is shutting down", quiet=True)
 
     async def _read_loop(self, conn: _Conn, inst: _Instance | None, rest: bytes) -> None:
         """Receive into one buffer and handle every complete frame of each receive."""
@@ -487,6 +525,7 @@ class Runtime:
         max_size = self.limits.max_frame_size
         handle_client = self._client_frame
         while True:
+            self._overfull.clear()  # left by callers that do not read (ingress, retries)
             if inst is not None:
                 off = self._scan_instance(inst, buf, end)
             else:
@@ -512,7 +551,10 @@ class Runtime:
                     buf.extend(bytes(need - len(buf)))
             self._after_batch()
             if self._overfull:
-                await self._wait_overfull(conn)
+                overfull, self._overfull = self._overfull, []
+                await self._wait_overfull(conn, overfull)
+            if inst is not None and inst.state in (InstanceState.STOPPED, InstanceState.CRASHED):
+                return  # declared lost meanwhile: its later frames must not count
             n = await sock.recv_into(memoryview(buf)[end:])
             if n == 0:
                 if end:
@@ -541,7 +583,8 @@ class Runtime:
         routes = self.routes
         st = inst.stage
         src_tracked = st.tracked or st.retains  # their ACKs take the general path
-        src_children = st.tracks_children or st.retains  # their DATA with LAST does
+        src_children = st.tracks_children  # their DATA with LAST does
+        src_general = st.retains  # all their DATA does (it marks inputs as started)
         off = 0
         n_in = 0
         run_conn: _Conn | None = None  # the destination of the run buf[run_start:off]
@@ -554,117 +597,128 @@ class Runtime:
         last_rid = -1
         last_inst: _Instance | None = None
         relayed = 0
-        while end - off >= 18:
-            h = unpack(buf, off)
-            size = h[0]
-            fend = off + 4 + size
-            if fend > end:
-                break
-            if (
-                size < 14
-                or size + 4 > max_size
-                or h[4] == 0
-                or 10 + 8 * h[4] + h[3] + h[5] > size + 4
-            ):
-                _checked_header(buf, off, size, max_size)
-            n_in += 1
-            kind = h[1]
-            if kind == _DATA and not (src_children and h[2] & _LAST):
-                rid = h[6]
-                req = requests.get(rid)
-                q0 = off + 10 + 8 * h[4]
-                if h[3] == len(last_q) and buf.startswith(last_q, q0):
-                    dst = last_dst
-                else:
-                    last_q = bytes(buf[q0 : q0 + h[3]])
-                    dst = last_dst = routes.get(last_q)
-                inst2: _Instance | None = None
-                if req is not None and dst is not None and not dst.tracked and not dst.retains:
-                    if dst.level == 1:
-                        if rid == last_rid and last_inst is not None and last_inst.stage is dst:
-                            inst2 = last_inst
+        try:
+            while end - off >= 18:
+                h = unpack(buf, off)
+                size = h[0]
+                fend = off + 4 + size
+                if fend > end:
+                    break
+                if (
+                    size < 14
+                    or size + 4 > max_size
+                    or h[4] == 0
+                    or 10 + 8 * h[4] + h[3] + h[5] > size + 4
+                ):
+                    _checked_header(buf, off, size, max_size)
+                n_in += 1
+                kind = h[1]
+                if kind == _DATA and not src_general and not (src_children and h[2] & _LAST):
+                    rid = h[6]
+                    req = requests.get(rid)
+                    q0 = off + 10 + 8 * h[4]
+                    if h[3] == len(last_q) and buf.startswith(last_q, q0):
+                        dst = last_dst
+                    else:
+                        last_q = bytes(buf[q0 : q0 + h[3]])
+                        dst = last_dst = routes.get(last_q)
+                    inst2: _Instance | None = None
+                    if req is not None and dst is not None and not dst.tracked and not dst.retains:
+                        if dst.level == 1:
+                            if rid == last_rid and last_inst is not None and last_inst.stage is dst:
+                                inst2 = last_inst
+                            else:
+                                inst2 = dst.groups.get(bytes(buf[off + 10 : off + 18]))
+                                last_rid, last_inst = rid, inst2
+                        elif dst.level:
+                            if h[4] >= dst.level:
+                                inst2 = dst.groups.get(bytes(buf[off + 10 : off + dst.key_end]))
+                        elif not h[5]:
+                            try:
+                                inst2 = dst.instances[dst.scheduler.choose(None, dst.loads)]
+                            except NoInstanceError:
+                                inst2 = None
+                    if inst2 is not None and req is not None and dst is not None:
+                        relayed += 1
+                        req.live_total += 1
+                        inst2.depth += 1
+                        dst.loads[inst2.id] = inst2.depth
+                        rc = inst2.req_counts
+                        rc[rid] = rc.get(rid, 0) + 1
+                        conn2 = inst2.conn
+                        if (
+                            inst2.inflight < inst2.credits
+                            and not inst2.backlog
+                            and conn2 is not None
+                        ):
+                            inst2.inflight += 1
+                            inst2.frames_out += 1
+                            if run_conn is not conn2:
+                                if run_conn is not None:
+                                    run_conn.send(buf[run_start:off])
+                                run_conn, run_start = conn2, off
                         else:
-                            inst2 = dst.groups.get(bytes(buf[off + 10 : off + 18]))
-                            last_rid, last_inst = rid, inst2
-                    elif dst.level:
-                        if h[4] >= dst.level:
-                            inst2 = dst.groups.get(bytes(buf[off + 10 : off + dst.key_end]))
-                    elif not h[5]:
-                        try:
-                            inst2 = dst.instances[dst.scheduler.choose(None, dst.loads)]
-                        except NoInstanceError:
-                            inst2 = None
-                if inst2 is not None and req is not None and dst is not None:
-                    relayed += 1
-                    req.live_total += 1
-                    inst2.depth += 1
-                    dst.loads[inst2.id] = inst2.depth
-                    rc = inst2.req_counts
-                    rc[rid] = rc.get(rid, 0) + 1
-                    conn2 = inst2.conn
-                    if inst2.inflight < inst2.credits and not inst2.backlog and conn2 is not None:
-                        inst2.inflight += 1
-                        inst2.frames_out += 1
-                        if run_conn is not conn2:
                             if run_conn is not None:
                                 run_conn.send(buf[run_start:off])
-                            run_conn, run_start = conn2, off
-                    else:
-                        if run_conn is not None:
-                            run_conn.send(buf[run_start:off])
-                            run_conn = None
-                        inst2.backlog.append(bytes(buf[off:fend]))
-                        if len(inst2.backlog) > self.limits.backlog_limit:
-                            self._overfull.append(inst2)
-                    off = fend
-                    continue
-                if run_conn is not None:
+                                run_conn = None
+                            inst2.backlog.append(bytes(buf[off:fend]))
+                            if len(inst2.backlog) > self.limits.backlog_limit:
+                                self._overfull.append(inst2)
+                        off = fend
+                        continue
+                    if run_conn is not None:
+                        run_conn.send(buf[run_start:off])
+                        run_conn = None
+                    last_inst = None  # the general path may open or fail groups
+                    self._route(st, buf, off, fend, h)
+                elif run_conn is not None:
                     run_conn.send(buf[run_start:off])
                     run_conn = None
-                last_inst = None  # the general path may open or fail groups
-                self._route(st, buf, off, fend, h)
-            elif run_conn is not None:
-                run_conn.send(buf[run_start:off])
-                run_conn = None
-                n_in -= 1
-                continue  # handle this frame again, with no run open
-            elif kind == _ACK and not src_tracked:
-                # Coalesced: an untracked stage may acknowledge n frames of one request
-                # with one ACK whose payload is n (u32); no payload means 1.
-                rid = h[6]
-                p = off + 10 + 8 * h[4] + h[3] + h[5]
-                n = unpack_count(buf, p)[0] if fend - p >= 4 else 1
-                inst.inflight -= n
-                inst.depth -= n
-                st.loads[inst.id] = inst.depth
-                st.frames_processed += n
-                rc = inst.req_counts
-                c = rc.get(rid, 0) - n
-                if c > 0:
-                    rc[rid] = c
+                    n_in -= 1
+                    continue  # handle this frame again, with no run open
+                elif kind == _ACK and not src_tracked:
+                    # Coalesced: an untracked stage may acknowledge n frames of one request
+                    # with one ACK whose payload is n (u32); no payload means 1.
+                    rid = h[6]
+                    p = off + 10 + 8 * h[4] + h[3] + h[5]
+                    n = unpack_count(buf, p)[0] if fend - p >= 4 else 1
+                    if not 0 < n <= inst.inflight:
+                        raise RemoteProtocolError(
+                            f"ACK of {n} frames, but {inst.inflight} are unacknowledged"
+                        )
+                    inst.inflight -= n
+                    inst.depth -= n
+                    st.loads[inst.id] = inst.depth
+                    st.frames_processed += n
+                    rc = inst.req_counts
+                    c = rc.get(rid, 0) - n
+                    if c > 0:
+                        rc[rid] = c
+                    else:
+                        rc.pop(rid, None)
+                    if inst.backlog:
+                        self._refill(inst)
+                    req = requests.get(rid)
+                    if req is not None:
+                        req.live_total -= n
+                        if req.live_total <= 0:
+                            self._dirty.add(req)
+                    if (
+                        inst.state == InstanceState.DRAINING
+                        and inst.depth == 0
+                        and inst.open_groups == 0
+                    ):
+                        self._finish_drain(inst)
                 else:
-                    rc.pop(rid, None)
-                if inst.backlog:
-                    self._refill(inst)
-                req = requests.get(rid)
-                if req is not None:
-                    req.live_total -= n
-                    if req.live_total <= 0:
-                        self._dirty.add(req)
-                if (
-                    inst.state == InstanceState.DRAINING
-                    and inst.depth == 0
-                    and inst.open_groups == 0
-                ):
-                    self._finish_drain(inst)
-            else:
-                last_inst = None
-                self._instance_frame(inst, buf, off, fend, h)
-            off = fend
-        if run_conn is not None:
-            run_conn.send(buf[run_start:off])
-        inst.frames_in += n_in
-        self.frames_relayed += relayed
+                    last_inst = None
+                    self._instance_frame(inst, buf, off, fend, h)
+                off = fend
+        finally:
+            # Also when a malformed frame ends the scan: what was counted as sent is sent.
+            if run_conn is not None:
+                run_conn.send(buf[run_start:off])
+            inst.frames_in += n_in
+            self.frames_relayed += relayed
         return off
 
     def _refill(self, inst: _Instance) -> None:
@@ -693,7 +747,7 @@ class Runtime:
         if kind == _DATA:
             self._route(st, buf, off, fend, h)
         elif kind == _ACK:
-            self._ack(inst, buf, off, h)
+            self._ack(inst, buf, off, fend, h)
         elif kind == _CLOSE:
             req = self.requests.get(rid)
             if req is not None and st.tracks_children:
@@ -805,8 +859,17 @@ class Runtime:
             if len(inst.backlog) > self.limits.backlog_limit:
                 self._overfull.append(inst)
 
-    def _ack(self, inst: _Instance, buf: bytearray, off: int, h: tuple[int, ...]) -> None:
+    def _ack(
+        self, inst: _Instance, buf: bytearray, off: int, fend: int, h: tuple[int, ...]
+    ) -> None:
         rid = h[6]
+        p = off + 10 + 8 * h[4] + h[3] + h[5]
+        if fend - p >= 4 and _U32.unpack_from(buf, p)[0] != 1:
+            raise RemoteProtocolError(
+                "this stage's ACKs must name one frame each (coalesce_acks is off)"
+            )
+        if inst.inflight <= 0:
+            raise RemoteProtocolError("ACK with no unacknowledged frame")
         inst.inflight -= 1
         inst.depth -= 1
         st = inst.stage
@@ -900,11 +963,15 @@ class Runtime:
         if req.sink is not None:
             req.sink.done(req.rid)
 
-    async def _wait_overfull(self, conn: _Conn) -> None:
-        """Backpressure: stop reading this connection until the backlogs it filled drain."""
+    async def _wait_overfull(self, conn: _Conn, overfull: list[_Instance]) -> None:
+        """Backpressure: stop reading this connection until the backlogs it filled drain.
+
+        ``overfull`` is what this reader's last batch filled: the list is taken between
+        the batch and the first await, so no other reader's entries are in it.
+        """
         limit = self.limits.backlog_limit
-        while self._overfull:
-            inst = self._overfull.pop()
+        while overfull:
+            inst = overfull.pop()
             if inst.conn is conn:  # never wait for our own acknowledgements
                 continue
             while len(inst.backlog) > limit // 2 and inst.state in (
@@ -920,6 +987,8 @@ class Runtime:
         req = self.requests.pop(rid, None)
         if req is None:
             return
+        if len(message) > _MAX_ERROR:
+            message = message[:_MAX_ERROR] + f"... ({len(message) - _MAX_ERROR} more characters)"
         self.requests_failed += 1
         log.warning("request %d failed: %s", rid, message)
         for (sidx, key), inst in req.groups.items():
@@ -933,10 +1002,16 @@ class Runtime:
         if req.sink is not None:
             req.sink.error(rid, message)
 
-    def instance_lost(self, inst: _Instance, reason: str) -> None:
-        """An instance exited or its connection broke: fail its work (invariant 4)."""
+    def instance_lost(self, inst: _Instance, reason: str, *, quiet: bool = False) -> None:
+        """An instance exited or its connection broke: fail its work (invariant 4).
+
+        A drained instance (no work, no pinned group) that goes away has stopped; so has
+        every instance when the runtime itself shuts down (``quiet``). Anything else crashed.
+        """
         st = inst.stage
-        expected = inst.state == InstanceState.DRAINING
+        expected = quiet or (
+            inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0
+        )
         inst.state = InstanceState.STOPPED if expected else InstanceState.CRASHED
         if not expected:
             inst.last_error = reason
@@ -962,8 +1037,9 @@ class Runtime:
             inst.started.clear()
         else:
             doomed = pinned | set(inst.req_counts)
+        what = "stopped" if quiet else "crashed"
         for rid in doomed:
-            self.fail_request(rid, f"stage {st.name!r} instance {inst.id} crashed: {reason}")
+            self.fail_request(rid, f"stage {st.name!r} instance {inst.id} {what}: {reason}")
         inst.req_counts.clear()
         inst.backlog.clear()
         inst.unblocked.unpark_all()
@@ -1028,14 +1104,21 @@ class Runtime:
         corr = h[6]
         payload = bytes(buf[off + 10 + 8 * h[4] + h[3] + h[5] : fend])
         try:
-            rid = self._admit(_ConnSink(conn, corr))
-        except OverloadedError as exc:
+            rid = self._admit(_ConnSink(conn, corr), len(payload))
+        except (OverloadedError, ValueError) as exc:
             conn.send(encode(FrameKind.REFUSED, [corr], payload=str(exc).encode()))
             return
         conn.send(encode(FrameKind.ACCEPTED, [corr, rid]))
         self._ingress(rid, payload)
 
-    def _admit(self, sink: _Sink) -> int:
+    def _admit(self, sink: _Sink, payload_size: int) -> int:
+        """Register a new request. Raises OverloadedError past the in-flight limit and
+        ValueError when its input cannot travel as one frame."""
+        size = 18 + len(self.pipeline.input) + payload_size
+        if size > self.limits.max_frame_size:
+            raise ValueError(
+                f"the input is too large: {size} bytes as a frame, the limit is {self.limits.max_frame_size}"
+            )
         if len(self.requests) >= self.limits.max_inflight_requests:
             self.requests_refused += 1
             raise OverloadedError(
@@ -1061,10 +1144,10 @@ class Runtime:
     async def submit(self, payload: bytes) -> AsyncIterator[RequestEvent]:
         """In-process ingress (the HTTP control plane uses it). See RuntimeCommands."""
         sink = _LocalSink()
-        rid = self._admit(sink)
-        yield RequestEvent("accepted", rid, time=trio.current_time())
-        self._ingress(rid, payload)
+        rid = self._admit(sink, len(payload))
         try:
+            self._ingress(rid, payload)
+            yield RequestEvent("accepted", rid, time=trio.current_time())
             while True:
                 while sink.events:
                     ev = sink.events.popleft()
@@ -1106,7 +1189,14 @@ class Runtime:
             for _ in range(instances - len(active)):
                 iid = self.new_instance_id(stage)
                 self.scale_events += 1
-                await self._spawn(stage, iid)
+                try:
+                    await self._spawn(stage, iid)
+                except BaseException as exc:
+                    inst = self.instances[iid]
+                    inst.state = InstanceState.CRASHED
+                    inst.last_error = f"could not be started: {exc}"
+                    inst.stopped.set()
+                    raise
         elif instances < len(active):
             # drain the instances with the least pinned work first
             victims = sorted(
@@ -1121,8 +1211,14 @@ class Runtime:
         if inst is None:
             raise KeyError(f"unknown instance {instance_id}")
         if inst.state in (InstanceState.READY, InstanceState.STARTING):
+            active = self.active_instances(inst.stage.name)
+            if len(active) <= 1:
+                raise ValueError(
+                    f"instance {instance_id} is the last of stage {inst.stage.name!r}; "
+                    "scale the stage up before draining it"
+                )
             self.scale_events += 1
-            inst.stage.target = max(1, len(self.active_instances(inst.stage.name)) - 1)
+            inst.stage.target = len(active) - 1
             self._begin_drain(inst)
 
     def _begin_drain(self, inst: _Instance) -> None:
@@ -1151,13 +1247,12 @@ class Runtime:
         inst = self.instances.get(iid)
         if inst is None or inst.state in (InstanceState.STOPPED, InstanceState.CRASHED):
             return
-        if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
-            inst.state = InstanceState.STOPPED
-            inst.stopped.set()
-            if inst.conn is not None:
-                inst.conn.close()
+        inst.exit_code = returncode
+        if inst.conn is not None:
+            # Its reader still has to read what it sent before it died (outputs, ACKs);
+            # the connection's EOF follows the exit, and the reader declares it lost then.
             return
-        self.instance_lost(inst, f"process exited with code {returncode}")
+        self.instance_lost(inst, f"process exited with code {returncode} before it connected")
 
     # ------------------------------------------------------------------ statistics
 

@@ -103,7 +103,8 @@ class RuntimeCommands(Protocol):
     async def drain(self, instance_id: int) -> None:
         """Stop routing new groups to the instance, let pinned work finish, then stop it.
 
-        Raises KeyError for an unknown instance.
+        Raises KeyError for an unknown instance, ValueError for the last instance of its
+        stage (scale the stage up first).
         """
 
     def submit(self, payload: bytes) -> AsyncIterator[RequestEvent]:
