@@ -101,12 +101,19 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         async with open_client(name, address=args.address, token=args.token) as client:
             typ = client.message_type(client.input_queue)
             limiter = trio.CapacityLimiter(args.concurrency)
+            messages = []
+            for i, data in enumerate(inputs):  # all inputs are checked before any is sent
+                try:
+                    messages.append(json_format.ParseDict(data, typ()))
+                except (json_format.ParseError, TypeError, ValueError) as exc:
+                    raise AltoError(
+                        f"input {i} does not fit {typ.DESCRIPTOR.full_name}: {exc}"
+                    ) from exc
 
-            async def one(i: int, data: dict[str, Any]) -> None:
+            async def one(i: int, msg: Any) -> None:
                 nonlocal failures
                 async with limiter:
                     t0 = trio.current_time()
-                    msg = json_format.ParseDict(data, typ())
                     try:
                         async for r in client.submit(msg):
                             out = json_format.MessageToDict(r.message)
@@ -143,8 +150,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                             )
 
             async with trio.open_nursery() as n:
-                for i, data in enumerate(inputs):
-                    n.start_soon(one, i, data)
+                for i, msg in enumerate(messages):
+                    n.start_soon(one, i, msg)
 
     trio.run(main)
     return 1 if failures else 0

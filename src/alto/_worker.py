@@ -174,6 +174,10 @@ class Worker:
             decoder,
         )
         self.instance = int(welcome["instance"])
+        log.info(
+            "stage %s instance %d connected (pid %d, %s backend)",
+            self.stage.name, self.instance, os.getpid(), self.stage.backend,
+        )  # fmt: skip
         decoder.max_frame_size = int(welcome["max_frame_size"])
         out = _Output(stream, decoder.max_frame_size, bool(welcome.get("coalesce_acks", False)))
         info = StageInfo(
