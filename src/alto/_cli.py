@@ -277,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leaves(group: BaseExceptionGroup[AltoError]) -> list[AltoError]:
+    out: list[AltoError] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -289,6 +296,13 @@ def main(argv: list[str] | None = None) -> None:
         code = args.fn(args)
     except AltoError as exc:
         print(f"alto: error: {exc}", file=sys.stderr)
+        code = 2
+    except BaseExceptionGroup as group:  # raised inside a nursery (Trio wraps errors)
+        alto_errors, rest = group.split(AltoError)
+        if rest is not None or alto_errors is None:
+            raise
+        first = _leaves(alto_errors)[0]
+        print(f"alto: error: {first}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130
