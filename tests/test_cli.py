@@ -102,7 +102,9 @@ def test_serve_submit_and_sigterm(tmp_path: Path) -> None:
             text=True,
             timeout=60,
         )
-        assert bad.returncode == 2 and "does not fit alto.examples.demo.Number" in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and "does not fit alto.examples.demo.Number" in bad.stderr, (
+            bad.stderr
+        )
         assert "Traceback" not in bad.stderr
 
         serve.send_signal(signal.SIGTERM)

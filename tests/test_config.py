@@ -450,3 +450,22 @@ def test_a_stateful_stage_cannot_be_idempotent(tmp_path: Path) -> None:
     )
     assert err.key == "stages.total.idempotent"
     assert "group state" in err.message
+
+
+def test_a_fan_out_stage_fed_by_two_producers(tmp_path: Path) -> None:
+    # 'total' as a fan-out stage: it counts child ids per input key path, so its input
+    # must come from one producer (two could write items with one key path).
+    fan_total = replace("stateful = true\naggregate_level = 1\n", "fanout = true\n")
+    cfg = load_pipeline(write(tmp_path, fan_total))  # fed by sq alone: fine
+    assert cfg.stages["total"].fanout
+    # sq2 writes 'squares' too
+    text = fan_total.replace(
+        'outputs = ["items"]\nfanout = true', 'outputs = ["items", "evens"]\nfanout = true'
+    ).replace(
+        "[queues.squares]", '[queues.evens]\ntype = "alto.examples.demo_pb2:Item"\n[queues.squares]'
+    )
+    text += '\n[stages.sq2]\nentry = "alto.examples.demo:square"\ninputs = ["evens"]\noutputs = ["squares"]\n'
+    err = pipeline_error(tmp_path, text)
+    assert err.key == "stages.total.inputs"
+    assert "a fan-out stage reads one queue written by one stage" in err.message
+    assert "sq via squares" in err.message and "sq2 via squares" in err.message

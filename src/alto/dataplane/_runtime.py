@@ -756,7 +756,7 @@ class Runtime:
         elif kind == _ERROR:
             st.errors += 1
             msg = bytes(buf[off + 10 + 8 * h[4] + h[3] + h[5] : fend]).decode("utf-8", "replace")
-            inst.last_error = msg
+            inst.last_error = msg[:_MAX_ERROR]
             self.fail_request(rid, f"stage {st.name!r} instance {inst.id}: {msg}")
         else:
             raise RemoteProtocolError(
