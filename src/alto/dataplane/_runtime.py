@@ -686,29 +686,13 @@ class Runtime:
                         raise RemoteProtocolError(
                             f"ACK of {n} frames, but {inst.inflight} are unacknowledged"
                         )
-                    inst.inflight -= n
-                    inst.depth -= n
-                    st.loads[inst.id] = inst.depth
-                    st.frames_processed += n
-                    rc = inst.req_counts
-                    c = rc.get(rid, 0) - n
-                    if c > 0:
-                        rc[rid] = c
-                    else:
-                        rc.pop(rid, None)
-                    if inst.backlog:
-                        self._refill(inst)
+                    self._credit_back(inst, rid, n)
                     req = requests.get(rid)
                     if req is not None:
                         req.live_total -= n
                         if req.live_total <= 0:
                             self._dirty.add(req)
-                    if (
-                        inst.state == InstanceState.DRAINING
-                        and inst.depth == 0
-                        and inst.open_groups == 0
-                    ):
-                        self._finish_drain(inst)
+                    self._maybe_finish_drain(inst)
                 else:
                     last_inst = None
                     self._instance_frame(inst, buf, off, fend, h)
@@ -720,6 +704,28 @@ class Runtime:
             inst.frames_in += n_in
             self.frames_relayed += relayed
         return off
+
+    def _credit_back(self, inst: _Instance, rid: int, n: int) -> None:
+        """``n`` frames of request ``rid`` on ``inst`` were acknowledged: give the credits
+        back, lower its queue depth, and send what waited in its backlog."""
+        inst.inflight -= n
+        inst.depth -= n
+        st = inst.stage
+        st.loads[inst.id] = inst.depth
+        st.frames_processed += n
+        rc = inst.req_counts
+        c = rc.get(rid, 0) - n
+        if c > 0:
+            rc[rid] = c
+        else:
+            rc.pop(rid, None)
+        if inst.backlog:
+            self._refill(inst)
+
+    def _maybe_finish_drain(self, inst: _Instance) -> None:
+        """A draining instance with no work and no pinned group left gets STOP."""
+        if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
+            self._finish_drain(inst)
 
     def _refill(self, inst: _Instance) -> None:
         """Credits came back: move frames from the backlog to the connection."""
@@ -870,19 +876,8 @@ class Runtime:
             )
         if inst.inflight <= 0:
             raise RemoteProtocolError("ACK with no unacknowledged frame")
-        inst.inflight -= 1
-        inst.depth -= 1
         st = inst.stage
-        st.loads[inst.id] = inst.depth
-        st.frames_processed += 1
-        rc = inst.req_counts
-        c = rc.get(rid, 0) - 1
-        if c > 0:
-            rc[rid] = c
-        else:
-            rc.pop(rid, None)
-        if inst.backlog:
-            self._refill(inst)
+        self._credit_back(inst, rid, 1)
         if inst.retained:
             path = bytes(buf[off + 10 : off + 10 + 8 * h[4]])
             dq = inst.retained.get(path)
@@ -914,8 +909,7 @@ class Runtime:
                 self._dirty.add(req)
             elif req.live_total == 0:
                 self._dirty.add(req)
-        if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
-            self._finish_drain(inst)
+        self._maybe_finish_drain(inst)
 
     def _after_batch(self) -> None:
         """Close complete groups and finish complete requests touched by the last batch."""
@@ -996,8 +990,7 @@ class Runtime:
             if st.groups.get(key) is inst:
                 del st.groups[key]
             inst.open_groups -= 1
-            if inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0:
-                self._finish_drain(inst)
+            self._maybe_finish_drain(inst)
         req.groups.clear()
         if req.sink is not None:
             req.sink.error(rid, message)
@@ -1233,8 +1226,7 @@ class Runtime:
             inst.open_groups,
             inst.depth,
         )
-        if inst.depth == 0 and inst.open_groups == 0:
-            self._finish_drain(inst)
+        self._maybe_finish_drain(inst)
 
     def _finish_drain(self, inst: _Instance) -> None:
         if inst.conn is not None:

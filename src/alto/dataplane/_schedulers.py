@@ -341,6 +341,15 @@ class ConsistentHash(Scheduler):
         return self._owners[self._position(key)]
 
 
+def _load_factor(sched: Scheduler) -> float:
+    """The bounded-load factor ``c`` of a policy's options, checked."""
+    c = float(sched.options["load_factor"])
+    # c < 1 could put the bound below the mean load, where no instance may qualify.
+    if not c >= 1.0 or math.isinf(c):
+        raise sched._option_error(f"option 'load_factor' must be a finite number >= 1, got {c}")
+    return c
+
+
 class PromptSticky(ConsistentHash):
     """Consistent hashing with bounded loads (Mirrokni et al., SODA 2018) on prompt keys.
 
@@ -360,12 +369,7 @@ class PromptSticky(ConsistentHash):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._load_factor = float(self.options["load_factor"])
-        # c < 1 could put the bound below the mean load, where no instance may qualify.
-        if not self._load_factor >= 1.0 or math.isinf(self._load_factor):
-            raise self._option_error(
-                f"option 'load_factor' must be a finite number >= 1, got {self._load_factor}"
-            )
+        self._load_factor = _load_factor(self)
 
     def choose(self, key: bytes | None, loads: Mapping[int, int]) -> int:
         if key is None or not self._owners:
@@ -425,11 +429,7 @@ class PromptAffinity(Scheduler):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._load_factor = float(self.options["load_factor"])
-        if not self._load_factor >= 1.0 or math.isinf(self._load_factor):
-            raise self._option_error(
-                f"option 'load_factor' must be a finite number >= 1, got {self._load_factor}"
-            )
+        self._load_factor = _load_factor(self)
         self._max_keys = int(self.options["max_keys"])
         if self._max_keys < 1:
             raise self._option_error(f"option 'max_keys' must be >= 1, got {self._max_keys}")
