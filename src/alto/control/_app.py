@@ -105,6 +105,7 @@ def _instance_dict(inst: InstanceStatistics) -> dict[str, Any]:
         "state": str(inst.state),
         "queue_depth": inst.queue_depth,
         "credits": inst.credits,
+        "credits_in_use": inst.credits_in_use,
         "backlog": inst.backlog,
         "open_groups": inst.open_groups,
         "frames_in": inst.frames_in,

@@ -77,6 +77,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "state": {"enum": ["starting", "ready", "draining", "stopped", "crashed"]},
                         "queue_depth": {"type": "integer"},
                         "credits": {"type": "integer"},
+                        "credits_in_use": {"type": "integer"},
                         "backlog": {"type": "integer"},
                         "open_groups": {"type": "integer"},
                         "frames_in": {"type": "integer"},

@@ -1262,6 +1262,7 @@ class Runtime:
                 frames_out=i.frames_out,
                 pid=i.pid,
                 last_error=i.last_error,
+                credits_in_use=i.inflight,
             )
             for i in self.instances.values()
         )

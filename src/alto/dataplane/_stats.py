@@ -35,6 +35,7 @@ class InstanceStatistics:
     frames_out: int  # frames the runtime sent to it
     pid: int | None
     last_error: str | None
+    credits_in_use: int = 0  # frames sent to it and not yet acknowledged (at most credits)
 
 
 @dataclass(frozen=True, slots=True)
