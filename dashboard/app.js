@@ -437,7 +437,7 @@
           : inst.queue_depth * 2 >= inst.credits && inst.queue_depth > 0 ? "mid" : "low";
         node.querySelector(".inst-state").textContent = inst.state;
         node.querySelector(".inst-meta").textContent =
-          `credits ${inst.credits} · backlog ${inst.backlog} · groups ${inst.open_groups}`;
+          `credits ${inst.credits_in_use ?? 0}/${inst.credits} · backlog ${inst.backlog} · groups ${inst.open_groups}`;
         node.querySelector(".inst-error").textContent = inst.last_error || "";
         node.querySelector("button[data-action=drain]").disabled = inst.state !== "ready";
         const history = state.depthHistory.get(inst.id) || [];

@@ -82,6 +82,7 @@ class StatsHub:
                     "state": str(inst.state),
                     "queue_depth": inst.queue_depth,
                     "credits": inst.credits,
+                    "credits_in_use": inst.credits_in_use,
                     "backlog": inst.backlog,
                     "open_groups": inst.open_groups,
                     "frames_in": inst.frames_in,
