@@ -365,6 +365,8 @@ class Runtime:
                 log.error("accept failed: %s; retrying in 100 ms", exc)
                 await trio.sleep(0.1)
                 continue
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                _keepalive(sock)
             self._nursery.start_soon(self._handle, sock)
 
     def new_instance_id(self, stage: str) -> int:
@@ -1305,6 +1307,20 @@ class Runtime:
     def pinned_groups(self) -> dict[str, dict[bytes, int]]:
         """Open groups per stateful stage: key-path bytes -> instance id (for tests)."""
         return {s.name: {k: i.id for k, i in s.groups.items()} for s in self._by_index if s.level}
+
+
+def _keepalive(sock: trio.socket.SocketType) -> None:
+    """TCP peers on other machines: no Nagle delay, and a dead peer (host gone, cable out)
+    noticed within about 25 s by kernel keepalives instead of never, so that its work fails
+    with an error rather than hanging."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+    except OSError as exc:
+        log.debug("could not set TCP keepalive: %s", exc)
 
 
 def _checked_header(buf: bytearray, off: int, size: int, max_size: int) -> tuple[int, ...]:
