@@ -216,3 +216,38 @@ def test_gpu_partitioning(tmp_path: Path) -> None:
     assert plan_gpus(pipe, dep, []) == {}  # no GPU: the CPU, with a warning
     assert detect_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
     assert detect_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+async def test_a_killed_instance_is_replaced(tmp_path: Path) -> None:
+    pipeline, deploy = demo_copy(tmp_path, f"restart-{os.getpid()}")
+    async with trio.open_nursery() as nursery:
+        info: alto.ServeInfo = await nursery.start(
+            lambda task_status: alto.serve(
+                pipeline,
+                deploy,
+                http=None,
+                write_discovery=False,
+                handle_signals=False,
+                task_status=task_status,
+            )
+        )
+        rt = info.runtime
+        victim = next(i for i in rt.statistics().instances if i.stage == "square")
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        with trio.fail_after(30):  # noticed at once, replaced after a short back-off
+            while True:
+                states = {
+                    i.instance_id: i.state for i in rt.statistics().instances if i.stage == "square"
+                }
+                if (
+                    states[victim.instance_id] == "crashed"
+                    and list(states.values()).count("ready") == 2
+                ):
+                    break
+                await trio.sleep(0.05)
+        assert rt.restarts == 1
+        async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
+            rs = await client.run(Number(value=6))
+        assert [r.message.total for r in rs if isinstance(r.message, Total)] == [55]
+        nursery.cancel_scope.cancel()

@@ -273,6 +273,7 @@ async def _serve(
             task_status.started(info)
             await trio.sleep_forever()
         finally:
+            runtime.begin_shutdown()
             with trio.CancelScope(shield=True):
                 await launcher.shutdown()
             nursery.cancel_scope.cancel()

@@ -76,6 +76,8 @@ _U32 = struct.Struct("<I")
 _RECV_SIZE = 256 * 1024  # relay-notes: 256 KiB did best (16 KiB and 1 MiB were 30-35% slower)
 _CLIENT_OUT_LIMIT = 8 * 1024 * 1024  # unsent result bytes for one client before it is cut off
 _MAX_ERROR = 4096  # characters of an error message kept (logs, clients)
+_MAX_RESTARTS = 5  # crashes of one stage within _RESTART_WINDOW before it is not replaced
+_RESTART_WINDOW = 60.0
 
 
 class _Conn:
@@ -264,6 +266,7 @@ class _Stage:
         self.tracks_children = False
         self.child_tag = 0
         self.target = 1
+        self.crash_times: list[float] = []
         self.frames_processed = 0
         self.errors = 0
 
@@ -338,6 +341,8 @@ class Runtime:
         self.scale_events = 0
         self.frames_dropped = 0
         self.frames_retried = 0
+        self.restarts = 0
+        self.closing = False  # set by begin_shutdown(): losses are then expected
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
 
@@ -1004,6 +1009,7 @@ class Runtime:
         every instance when the runtime itself shuts down (``quiet``). Anything else crashed.
         """
         st = inst.stage
+        quiet = quiet or self.closing
         expected = quiet or (
             inst.state == InstanceState.DRAINING and inst.depth == 0 and inst.open_groups == 0
         )
@@ -1042,6 +1048,8 @@ class Runtime:
         if inst.conn is not None:
             inst.conn.close()
         inst.stopped.set()
+        if not expected and self._spawn is not None and self._nursery is not None:
+            self._nursery.start_soon(self._replace_crashed, st)
         for frame in retry:
             rid = struct.unpack_from("<Q", frame, 10)[0]
             if rid not in self.requests:
@@ -1229,6 +1237,36 @@ class Runtime:
             inst.depth,
         )
         self._maybe_finish_drain(inst)
+
+    def begin_shutdown(self) -> None:
+        """The runtime is about to stop its instances: their exits are not crashes."""
+        self.closing = True
+
+    async def _replace_crashed(self, st: _Stage) -> None:
+        """Keep a stage at its target after a crash, as a supervisor would: spawn a
+        replacement after a back-off, and give up (logged) after ``_MAX_RESTARTS`` crashes
+        of one stage within ``_RESTART_WINDOW`` seconds, so broken stage code cannot loop."""
+        now = trio.current_time()
+        st.crash_times = [t for t in st.crash_times if now - t < _RESTART_WINDOW] + [now]
+        if len(st.crash_times) > _MAX_RESTARTS:
+            log.error(
+                "stage %s crashed %d times within %d s; not restarting it (scale it to retry)",
+                st.name, len(st.crash_times), _RESTART_WINDOW,
+            )  # fmt: skip
+            return
+        await trio.sleep(min(8.0, 0.25 * 2 ** (len(st.crash_times) - 1)))
+        if self.closing or self._spawn is None or len(self.active_instances(st.name)) >= st.target:
+            return
+        iid = self.new_instance_id(st.name)
+        log.info("replacing a crashed instance of %s with %s/%d", st.name, st.name, iid)
+        self.restarts += 1
+        try:
+            await self._spawn(st.name, iid)
+        except Exception as exc:
+            inst = self.instances[iid]
+            inst.state = InstanceState.CRASHED
+            inst.last_error = f"could not be started: {exc}"
+            inst.stopped.set()
 
     def _finish_drain(self, inst: _Instance) -> None:
         if inst.conn is not None:
