@@ -64,7 +64,7 @@ class FrameKind(enum.IntEnum):
     HELLO = 7  # first frame of every connection: JSON {token, role, ...}
     WELCOME = 8  # runtime's answer to HELLO: JSON {instance, credits, ...}
     SUBMIT = 9  # client -> runtime: a new request; path[0] is the client's correlation id
-    RESULT = 10  # runtime -> client: a partial output that reached a sink queue
+    # 10 is unused: results reach a client as the DATA frames their stage wrote, unchanged
     REFUSED = 11  # runtime -> client: the request was refused (overload); payload says why
     ACCEPTED = 12  # runtime -> client: path = [correlation id, request id]
     STOP = 13  # runtime -> instance: finish in-flight work and exit

@@ -238,7 +238,6 @@ class _Instance:
         self.last_error: str | None = None
         self.req_counts: dict[int, int] = {}
         self.unblocked = trio.lowlevel.ParkingLot()
-        self.process: trio.Process | None = None
         self.exit_code: int | None = None
         self.stopped = trio.Event()
         # Idempotent stages: the frames in flight by key path, kept until acknowledged so
@@ -344,7 +343,6 @@ class Runtime:
         self.restarts = 0
         self.closing = False  # set by begin_shutdown(): losses are then expected
         self._nursery: trio.Nursery | None = None
-        self._ready = trio.Event()
 
     # ------------------------------------------------------------------ serving
 
