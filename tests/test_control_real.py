@@ -191,7 +191,10 @@ async def get_instances(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     instances: list[dict[str, Any]] = response.json()["instances"]
     for i in instances:  # credits in use never exceed the credits; depth counts the backlog too
         assert 0 <= i["credits_in_use"] <= i["credits"]
-        assert i["queue_depth"] == i["credits_in_use"] + i["backlog"] or i["state"] in ("stopped", "crashed")
+        assert i["queue_depth"] == i["credits_in_use"] + i["backlog"] or i["state"] in (
+            "stopped",
+            "crashed",
+        )
     return instances
 
 
