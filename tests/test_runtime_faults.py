@@ -696,3 +696,21 @@ async def test_idempotent_stage_that_crashes_after_writing_fails_its_request(
         states = sorted(str(i.state) for i in info.runtime.instances.values())
         assert states == ["crashed", "ready"]
         nursery.cancel_scope.cancel()
+
+
+async def test_ended_instances_are_forgotten_past_a_history(tmp_path: Path) -> None:
+    runtime = make_runtime(demo_pipeline(tmp_path))
+    ids = [runtime.new_instance_id("square") for _ in range(40)]
+    for iid in ids:
+        runtime.instance_lost(runtime.instances[iid], "gone", quiet=True)
+    kept = [i.instance_id for i in runtime.statistics().instances if i.stage == "square"]
+    assert kept == ids[-16:]  # the most recent 16 ended records stay for the operator
+
+
+async def test_requests_are_refused_once_shutdown_begins(tmp_path: Path) -> None:
+    runtime = make_runtime(demo_pipeline(tmp_path))
+    runtime.begin_shutdown()
+    with pytest.raises(alto.OverloadedError, match="shutting down"):
+        async for _ in runtime.submit(b""):
+            pass
+    assert runtime.statistics().requests_refused == 1

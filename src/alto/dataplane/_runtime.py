@@ -1046,6 +1046,7 @@ class Runtime:
         if inst.conn is not None:
             inst.conn.close()
         inst.stopped.set()
+        self._forget_old(st)
         if not expected and self._spawn is not None and self._nursery is not None:
             self._nursery.start_soon(self._replace_crashed, st)
         for frame in retry:
@@ -1120,6 +1121,9 @@ class Runtime:
             raise ValueError(
                 f"the input is too large: {size} bytes as a frame, the limit is {self.limits.max_frame_size}"
             )
+        if self.closing:
+            self.requests_refused += 1
+            raise OverloadedError("the runtime is shutting down", retry_after=5.0)
         if len(self.requests) >= self.limits.max_inflight_requests:
             self.requests_refused += 1
             raise OverloadedError(
@@ -1235,6 +1239,17 @@ class Runtime:
             inst.depth,
         )
         self._maybe_finish_drain(inst)
+
+    def _forget_old(self, st: _Stage, keep: int = 16) -> None:
+        """Keep the records of only the last ``keep`` ended instances of a stage, so that
+        scaling up and down for days does not grow the runtime (or its statistics)."""
+        ended = [
+            i for i in st.instances.values()
+            if i.state in (InstanceState.STOPPED, InstanceState.CRASHED)
+        ]  # fmt: skip
+        for inst in ended[: max(0, len(ended) - keep)]:
+            del st.instances[inst.id]
+            self.instances.pop(inst.id, None)
 
     def begin_shutdown(self) -> None:
         """The runtime is about to stop its instances: their exits are not crashes."""
