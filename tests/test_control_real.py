@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from browser_helpers import depths as shown_depths
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -798,18 +799,6 @@ def real_server(tmp_path: Path) -> Iterator[_RealServerThread]:
         thread.stop()
 
 
-def _depths(driver: Any) -> dict[str, str]:
-    script = """
-        const out = {};
-        for (const node of document.querySelectorAll('.instance')) {
-          out[node.dataset.instance] = node.querySelector('.depth').textContent;
-        }
-        return out;
-    """
-    result: dict[str, str] = driver.execute_script(script)
-    return result
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(
     not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()),
@@ -842,7 +831,7 @@ def test_dashboard_against_a_real_server(real_server: _RealServerThread, driver:
     seen: list[dict[str, str]] = []
 
     def depths_changed(d: Any) -> bool:
-        depths = _depths(d)
+        depths = shown_depths(d)
         if not seen or depths != seen[-1]:
             seen.append(depths)
         values = {int(v) for snapshot in seen for v in snapshot.values()}

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from browser_helpers import depths as shown_depths
 from control_fake import FakeRuntime
 
 from alto.control import serve_control
@@ -135,18 +136,6 @@ def skipping_server() -> Iterator[_ServerThread]:
         thread.stop()
 
 
-def _depths(driver: Any) -> dict[str, str]:
-    script = """
-        const out = {};
-        for (const node of document.querySelectorAll('.instance')) {
-          out[node.dataset.instance] = node.querySelector('.depth').textContent;
-        }
-        return out;
-    """
-    result: dict[str, str] = driver.execute_script(script)
-    return result
-
-
 # Samples points along every arrow (in viewport coordinates, like the cards' rects) and
 # reports an arrow that passes behind a card other than its two ends, one that is mostly
 # hidden, and a label whose centre lies on a card.
@@ -215,7 +204,7 @@ def test_dashboard(server: _ServerThread, driver: Any) -> None:
     seen: list[dict[str, str]] = []
 
     def depths_changed(d: Any) -> bool:
-        depths = _depths(d)
+        depths = shown_depths(d)
         if not seen or depths != seen[-1]:
             seen.append(depths)
         values = {int(v) for snapshot in seen for v in snapshot.values()}
