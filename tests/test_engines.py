@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.metadata
+import itertools
 import json
 import statistics
 import sys
@@ -965,3 +966,251 @@ async def test_llamacpp_ram_cache_restores_an_older_template() -> None:
     assert d["prompt_tokens_restored"] > 0.6 * d["prompt_tokens"]
     assert d["prompt_tokens_evaluated"] < 0.4 * d["prompt_tokens"]
     await engine.aclose()
+
+
+# -- emulated: prefill and the prefix cache ---------------------------------------------
+
+# One output of 5 tokens, 10 ms per decoding step, 1 ms per prefilled prompt token: exact.
+PREFILL = EmulationProfile("prefill", 1, 0, 5, 0, 0.010, 0.0, prefill_token_seconds=0.001)
+
+
+def words(n: int, prefix: str = "w") -> str:
+    return " ".join(f"{prefix}{i}" for i in range(n))
+
+
+async def prompt_stats(engine: EmulatedEngine, prompt: str) -> dict[str, float]:
+    """Run one generation alone; the change in the engine's prompt counters."""
+    before = engine.statistics()
+    await collect(engine, prompt)
+    after = engine.statistics()
+    keys = ("prompt_tokens", "prompt_tokens_reused", "prompt_tokens_evaluated")
+    return {k: after[k] - before[k] for k in keys}
+
+
+async def test_emulated_prefill_comes_before_the_first_token(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    engine = EmulatedEngine(PREFILL, cache_tokens=0)
+    start, times, pieces = await timed(engine, words(100))
+    assert len(pieces) == 5
+    # The first step prefills 100 tokens (100 ms) and decodes (10 ms); then 10 ms a token.
+    assert times[0] - start == pytest.approx(0.110)
+    assert [b - a for a, b in itertools.pairwise(times)] == pytest.approx([0.010] * 4)
+    stats = engine.statistics()
+    assert stats["prompt_tokens"] == stats["prompt_tokens_evaluated"] == 100
+    assert stats["prefill_seconds"] == pytest.approx(0.100)
+    assert stats["busy_seconds"] == pytest.approx(0.100 + 5 * 0.010)
+
+
+async def test_emulated_long_prompt_is_prefilled_in_chunks(autojump_clock: trio.abc.Clock) -> None:
+    engine = EmulatedEngine(PREFILL, cache_tokens=0, prefill_chunk_tokens=40)
+    start, times, _ = await timed(engine, words(100))
+    # 40 + 40 + 20 tokens over three steps; the first token ends the third.
+    assert times[0] - start == pytest.approx(3 * 0.010 + 0.100)
+    assert engine.statistics()["steps"] == 3 + 4
+
+
+async def test_emulated_prefill_delays_the_batch(autojump_clock: trio.abc.Clock) -> None:
+    """A new prompt's prefill lengthens the step every decoding sequence is in."""
+    engine = EmulatedEngine(PREFILL, cache_tokens=0, alpha=0.0)
+    results: dict[str, tuple[float, list[float], list[str]]] = {}
+
+    async def run(name: str, delay: float, prompt: str) -> None:
+        await trio.sleep(delay)
+        results[name] = await timed(engine, prompt)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "a", 0, "one")
+        nursery.start_soon(run, "b", 0.015, words(50))
+    _, a_times, _ = results["a"]
+    b_start, b_times, _ = results["b"]
+    # a: step 1 prefills its 1 token (11 ms), step 2 is plain (10 ms); b arrives mid-step
+    # 2 and is prefilled in step 3, which a shares: 10 ms + 50 ms.
+    assert a_times[:3] == pytest.approx([0.011, 0.021, 0.081])
+    assert b_times[0] - b_start == pytest.approx(0.081 - 0.015)
+    assert b_times[1] - b_times[0] == pytest.approx(0.010)
+
+
+async def test_emulated_prefix_cache_reuses_leading_blocks(autojump_clock: trio.abc.Clock) -> None:
+    engine = EmulatedEngine(PREFILL, block_size=4)
+    first = await prompt_stats(engine, words(10))  # blocks w0-w3, w4-w7; w8 w9 partial
+    assert first == {"prompt_tokens": 10, "prompt_tokens_reused": 0, "prompt_tokens_evaluated": 10}
+    again = await prompt_stats(engine, words(10))
+    assert again == {"prompt_tokens": 10, "prompt_tokens_reused": 8, "prompt_tokens_evaluated": 2}
+    # The same first block, a different second one: only the first is reused (the hash of
+    # a block stands for its whole prefix).
+    fork = await prompt_stats(engine, words(5) + " x5 x6 x7 x8")
+    assert fork["prompt_tokens_reused"] == 4
+    # A later block equal to a cached one does not count without its prefix.
+    shifted = await prompt_stats(engine, "z " + words(10))
+    assert shifted["prompt_tokens_reused"] == 0
+    # A fully cached prompt still computes its last token.
+    whole = await prompt_stats(engine, words(8))
+    assert whole == {"prompt_tokens": 8, "prompt_tokens_reused": 7, "prompt_tokens_evaluated": 1}
+    # Reuse shortens the prefill: 2 tokens instead of 10.
+    start, times, _ = await timed(engine, words(10))
+    assert times[0] - start == pytest.approx(0.002 + 0.010)
+    stats = engine.statistics()
+    assert stats["cache_hit_rate"] == pytest.approx(
+        stats["prompt_tokens_reused"] / stats["prompt_tokens"]
+    )
+
+
+async def test_emulated_prefix_cache_evicts_least_recently_used(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    engine = EmulatedEngine(PREFILL, block_size=4, cache_tokens=16)  # 4 blocks
+    a, b, c = words(8, "a"), words(8, "b"), words(8, "c")  # 2 blocks each
+    await collect(engine, a)
+    await collect(engine, b)
+    assert engine.statistics()["cache_tokens"] == 16
+    assert (await prompt_stats(engine, a))["prompt_tokens_reused"] == 7  # a is now recent
+    await collect(engine, c)  # evicts b, the least recently used
+    stats = engine.statistics()
+    assert stats["cache_tokens"] == 16
+    assert stats["cache_blocks_evicted"] == 2
+    assert (await prompt_stats(engine, a))["prompt_tokens_reused"] == 7
+    assert (await prompt_stats(engine, b))["prompt_tokens_reused"] == 0
+
+
+async def test_emulated_prefix_cache_keeps_the_head_of_a_chain(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Past capacity a prompt's deepest blocks go first, so its head stays reusable."""
+    engine = EmulatedEngine(PREFILL, block_size=4, cache_tokens=8)  # 2 blocks
+    await collect(engine, words(12))  # 3 blocks: the third does not fit
+    assert engine.statistics()["cache_blocks_evicted"] == 1
+    assert (await prompt_stats(engine, words(12)))["prompt_tokens_reused"] == 8
+
+
+async def test_emulated_same_prefix_in_one_step_is_reused(autojump_clock: trio.abc.Clock) -> None:
+    """Blocks are cached when their step is scheduled (vLLM V1): a same-prefix prompt
+    scheduled behind them, even in the same step, reuses them."""
+    engine = EmulatedEngine(PREFILL, block_size=4, alpha=0.0)
+    times: dict[str, float] = {}
+
+    async def one(name: str) -> None:
+        start, stamps, _ = await timed(engine, words(20) + f" tail-{name}")
+        times[name] = stamps[0] - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "x")
+        nursery.start_soon(one, "y")
+    stats = engine.statistics()
+    assert stats["prompt_tokens"] == 42
+    assert stats["prompt_tokens_reused"] == 20
+    # One step prefilled 21 + 1 tokens; both first tokens end it.
+    assert times == {"x": pytest.approx(0.032), "y": pytest.approx(0.032)}
+
+
+async def test_emulated_factool_prompts_share_their_template(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from alto.factool._stages import QA_PROMPT
+
+    engine = EmulatedEngine("qa", seed=1)
+    first = await prompt_stats(engine, QA_PROMPT.format(question="Who wrote Hamlet?"))
+    second = await prompt_stats(engine, QA_PROMPT.format(question="Where is Rome?"))
+    assert first["prompt_tokens_reused"] == 0
+    template = len(QA_PROMPT.split()) - 1  # every word before "{question}"
+    assert second["prompt_tokens_reused"] == template // 16 * 16 > 0
+
+
+async def test_emulated_prefill_timings_are_reproducible(autojump_clock: trio.abc.Clock) -> None:
+    templates = [words(40, t) for t in "abc"]
+
+    async def scenario() -> tuple[list[float], dict[str, float]]:
+        engine = EmulatedEngine("claims", seed=3, max_batch=4, cache_tokens=64)
+        start = trio.current_time()
+        stamps: list[float] = []
+
+        async def one(i: int) -> None:
+            await trio.sleep(0.011 * i)
+            template = templates[0 if i % 2 else 1 + i // 2 % 2]  # "a" every other time
+            _, times, _ = await timed(engine, f"{template} request {i}")
+            stamps.extend(t - start for t in times)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(one, i)
+        return sorted(stamps), engine.statistics()
+
+    first, stats = await scenario()
+    again, stats_again = await scenario()
+    assert again == pytest.approx(first, abs=1e-9)
+    assert stats_again == stats
+    assert 0 < stats["prompt_tokens_reused"] < stats["prompt_tokens"]
+    assert stats["cache_blocks_evicted"] > 0
+
+
+async def test_emulated_cancelled_during_prefill_frees_the_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    engine = EmulatedEngine(PREFILL, max_batch=1, cache_tokens=0, prefill_chunk_tokens=10)
+    done: dict[str, float] = {}
+
+    async def long_prompt() -> None:
+        with trio.move_on_after(0.050):  # mid-prefill: 100 tokens take 10 steps
+            await collect(engine, words(100))
+
+    async def waiter() -> None:
+        await trio.sleep(0.001)  # queues behind the long prompt for the only slot
+        start, times, _ = await timed(engine, "short")
+        done["waited"] = times[0] - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_prompt)
+        nursery.start_soon(waiter)
+    stats = engine.statistics()
+    assert stats["sequences_cancelled"] == 1
+    assert stats["sequences_finished"] == 1
+    assert stats["active_sequences"] == stats["waiting_sequences"] == 0
+    assert stats["prompt_tokens_evaluated"] < 100 + 1
+    # The waiter got the slot when the long prompt was cancelled (at 50 ms), then waited
+    # for the step in progress to end and was prefilled in the next one.
+    assert 0.049 < done["waited"] < 0.049 + 3 * 0.020
+    # Nothing is left queued: a new prompt is served at once.
+    start, times, _ = await timed(engine, "again")
+    assert times[0] - start == pytest.approx(0.011)
+
+
+def test_emulated_prefill_defaults_are_the_calibration() -> None:
+    engine = EmulatedEngine("queries")
+    assert engine.prefill_token_seconds == 1e-4  # 10k prompt tokens/s: 7B on an A100
+    assert (engine.block_size, engine.cache_tokens, engine.prefill_chunk_tokens) == (
+        16,
+        114_688,
+        2048,
+    )
+    assert EmulatedEngine(FIXED).prefill_token_seconds == 0.0  # a hand-made profile
+    assert EmulatedEngine("qa", prefill_token_seconds=0.002).prefill_token_seconds == 0.002
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [
+        ("prefill_token_seconds", -0.1, "0..1"),
+        ("prefill_token_seconds", 5.0, "0..1"),
+        ("prefill_token_seconds", float("nan"), "0..1"),
+        ("prefill_token_seconds", "fast", "0..1"),
+        ("prefill_chunk_tokens", 0, "1..1048576"),
+        ("prefill_chunk_tokens", 1.5, "1..1048576"),
+        ("block_size", 0, "1..1024"),
+        ("block_size", True, "1..1024"),
+        ("cache_tokens", -1, "0..16777216"),
+        ("cache_tokens", 1 << 30, "0..16777216"),
+        ("max_batch", 1 << 20, "1..65536"),
+        ("alpha", 100.0, "0..10"),
+        ("first_token_seconds", 1e9, "0..3600"),
+    ],
+)
+def test_emulated_rejects_out_of_range_options(option: str, value: object, allowed: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{option} must be .* in {allowed}, got") as info:
+        EmulatedEngine("qa", **{option: value})
+    assert repr(value) in str(info.value)
+
+
+def test_emulated_bad_option_through_the_loader() -> None:
+    with pytest.raises(alto.PluginError, match="cache_tokens must be an integer") as info:
+        load_engine("emulated", cache_tokens=-5)
+    assert isinstance(info.value.__cause__, ValueError)
