@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import tomllib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from alto.dataplane._schedulers import (
     LeastOutstanding,
     NoInstanceError,
     PromptAffinity,
+    PromptCost,
     PromptSticky,
     RoundRobin,
     Scheduler,
@@ -632,3 +634,161 @@ def test_example_plugin_installs_and_loads() -> None:
                 check=True,
                 timeout=120,
             )
+
+
+# --- prompt-cost ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        test_no_instance,
+        test_instances_sorted_and_checked,
+        test_single_instance,
+        test_unknown_option_names_it_and_the_allowed,
+    ],
+)
+def test_prompt_cost_keeps_the_shared_bookkeeping(shared: Callable[..., None]) -> None:
+    shared(PromptCost)
+
+
+def test_prompt_cost_is_registered() -> None:
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    eps = project["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert eps["prompt-cost"] == "alto.dataplane._schedulers:PromptCost"
+
+
+def test_prompt_cost_new_key_goes_to_the_least_loaded_and_sticks() -> None:
+    sched = make(PromptCost, range(3), miss_cost=2.0)
+    loads = {0: 3, 1: 1, 2: 2}
+    assert sched.choose(b"t", loads) == 1
+    assert sched.cached_keys(1) == (b"t",)
+    # Cached on 1: it keeps the key while within miss_cost of the least loaded.
+    loads = {0: 0, 1: 2, 2: 1}
+    assert [sched.choose(b"t", loads) for _ in range(5)] == [1] * 5
+    assert sched.cached_keys(0) == sched.cached_keys(2) == ()
+
+
+def test_prompt_cost_hot_key_spreads_by_load() -> None:
+    sched = make(PromptCost, range(3), miss_cost=2.0)
+    loads = dict.fromkeys(range(3), 0)
+    home = sched.choose(b"hot", loads)
+    loads[home] += 1
+    placed = [home]
+    for _ in range(30):  # nothing finishes: the hot key's load must spread
+        i = sched.choose(b"hot", loads)
+        # Never more than miss_cost frames above the least loaded instance.
+        assert loads[i] <= min(loads.values()) + 2.0
+        loads[i] += 1
+        placed.append(i)
+    assert set(placed) == {0, 1, 2}
+    assert max(loads.values()) - min(loads.values()) <= 2
+    # Each instance paid the miss once: after that the key is cached everywhere.
+    assert all(sched.cached_keys(i) == (b"hot",) for i in range(3))
+    # The copies are used in turn: equal loads and equal hits rotate.
+    loads = dict.fromkeys(range(3), 4)
+    assert sorted(sched.choose(b"hot", loads) for _ in range(3)) == [0, 1, 2]
+
+
+def test_prompt_cost_cold_key_keeps_its_home_while_a_hot_one_spreads() -> None:
+    sched = make(PromptCost, range(2), miss_cost=3.0)
+    loads = {0: 0, 1: 0}
+    cold_home = sched.choose(b"cold", loads)
+    hot_home = sched.choose(b"hot", loads)
+    assert cold_home != hot_home  # the second new key goes to the other idle instance
+    loads = {cold_home: 2, hot_home: 0}
+    # "cold" stays home (2 < 0 + 3): a miss would cost more than the queue.
+    assert sched.choose(b"cold", loads) == cold_home
+    loads = {cold_home: 4, hot_home: 0}
+    assert sched.choose(b"cold", loads) == hot_home  # 4 > 0 + 3: worth a miss
+
+
+def test_prompt_cost_prefers_a_cached_instance_on_equal_cost() -> None:
+    sched = make(PromptCost, range(2), miss_cost=1.0)
+    assert sched.choose(b"k", {0: 0, 1: 0}) == 0
+    # Cost 1 on both: 0 has the key (1 + 0), 1 does not (0 + 1). The cursor points at 1.
+    assert sched.choose(b"k", {0: 1, 1: 0}) == 0
+
+
+def test_prompt_cost_models_an_lru_of_keys_per_instance() -> None:
+    sched = make(PromptCost, [5], cache_keys=2)
+    loads = {5: 0}
+    for key in (b"a", b"b", b"a", b"c"):
+        sched.choose(key, loads)
+    assert sched.cached_keys(5) == (b"a", b"c")  # "b" was the least recently sent
+
+
+def test_prompt_cost_forgets_removed_instances_and_feeds_new_ones() -> None:
+    sched = make(PromptCost, range(2), miss_cost=2.0)
+    loads = {0: 0, 1: 0}
+    home = sched.choose(b"k", loads)
+    sched.remove_instance(home)
+    other = 1 - home
+    loads = {other: 5}
+    assert sched.choose(b"k", loads) == other
+    with pytest.raises(KeyError):
+        sched.cached_keys(home)
+    sched.add_instance(7)
+    loads = {other: 5, 7: 0}
+    assert sched.choose(b"new", loads) == 7  # a new key: the idle newcomer
+    assert sched.choose(b"k", loads) == 7  # 5 > 0 + 2: the newcomer takes overflow
+    assert sched.cached_keys(other) == (b"k",)
+
+
+def test_prompt_cost_without_key_is_least_outstanding() -> None:
+    sched = make(PromptCost, range(3))
+    assert sched.choose(None, {0: 4, 1: 2, 2: 3}) == 1
+    assert all(sched.cached_keys(i) == () for i in range(3))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"miss_cost": -1}, "'miss_cost' must be a number in 0..10000"),
+        ({"miss_cost": float("nan")}, "'miss_cost' must be a number in 0..10000"),
+        ({"miss_cost": 1e9}, "'miss_cost' must be a number in 0..10000"),
+        ({"miss_cost": "high"}, "'miss_cost' must be float"),
+        ({"cache_keys": 0}, "'cache_keys' must be in 1..65536"),
+        ({"cache_keys": 1 << 20}, "'cache_keys' must be in 1..65536"),
+        ({"cache_keys": 2.5}, "'cache_keys' must be int"),
+    ],
+)
+def test_prompt_cost_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(PluginError, match=message) as info:
+        PromptCost(**options)
+    assert "prompt-cost" in str(info.value)
+    assert PromptCost(miss_cost=0, cache_keys=1).options["miss_cost"] == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    miss=st.sampled_from([0.0, 1.0, 2.5, 4.0]),
+    keys=st.integers(1, 4),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("choose"), st.sampled_from([0, 0, 0, 1, 2, 3, None])),
+            st.tuples(st.just("ack"), st.integers(0, 5)),
+        ),
+        max_size=200,
+    ),
+)
+def test_prompt_cost_never_exceeds_the_least_loaded_by_more_than_miss_cost(
+    n: int, miss: float, keys: int, ops: list[tuple[str, int | None]]
+) -> None:
+    sched = make(PromptCost, range(n), miss_cost=miss, cache_keys=keys)
+    loads = dict.fromkeys(range(n), 0)
+    for op, arg in ops:
+        if op == "choose":
+            key = None if arg is None else b"prompt-%d" % arg
+            chosen = sched.choose(key, loads)
+            assert loads[chosen] <= min(loads.values()) + miss
+            if key is not None:
+                assert sched.cached_keys(chosen)[-1] == key
+            assert all(len(sched.cached_keys(i)) <= keys for i in range(n))
+            loads[chosen] += 1
+        else:
+            assert arg is not None
+            busy = [i for i in range(n) if loads[i]]
+            if busy:
+                loads[busy[arg % len(busy)]] -= 1

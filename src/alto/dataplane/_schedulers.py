@@ -48,6 +48,18 @@ What ``key`` means depends on the edge, and the pipeline config picks the policy
     a new key goes to the instance with the fewest keys. With a handful of prompt
     templates, hashing often homes two on one instance and none on another (see
     :class:`PromptAffinity` and ``benchmarks/prompt_sticky.py``).
+``prompt-cost``
+    Prompt-aware routing that trades cache hits against queueing per frame, as the
+    paper's section 6.2 proposes: the frame goes to the instance with the least
+    ``outstanding frames + (0 if the key is cached there else miss_cost)``, where
+    "cached" comes from a model of each instance's prefix cache that the policy keeps from
+    its own past decisions (an LRU of the last ``cache_keys`` keys it sent there), since
+    it cannot see the engines; SGLang's cache-aware router models its workers' radix
+    trees the same way. A cold template stays on the instance that has it; a hot one is
+    copied to another instance as soon as its home runs ``miss_cost`` frames above the
+    least loaded one, so it spreads over as many instances as its load needs. No frame
+    goes to an instance more than ``miss_cost`` frames above the least loaded one
+    (see :class:`PromptCost` and ``benchmarks/prompt_routing.py``).
 
 Third-party policies subclass :class:`Scheduler` and register in the entry point group
 ``alto.schedulers`` (see ``plugins/alto-example-scheduler``); the built-ins above register
@@ -83,6 +95,7 @@ __all__ = [
     "LeastOutstanding",
     "NoInstanceError",
     "PromptAffinity",
+    "PromptCost",
     "PromptSticky",
     "RoundRobin",
     "Scheduler",
@@ -465,6 +478,107 @@ class PromptAffinity(Scheduler):
         if load < bound:
             return home
         return self._least_outstanding(loads)
+
+
+class PromptCost(Scheduler):
+    """Least expected cost: queue depth plus a modelled prefix-cache miss.
+
+    The paper's section 6.2 asks for routing that keeps requests of one prompt on the
+    instance that has its prefix cached *and* moves load between prompts as their demand
+    shifts. This policy prices both in one unit, outstanding frames: a frame with prompt
+    key ``k`` goes to the instance ``i`` minimising::
+
+        loads[i] + (0 if k is modelled as cached on i else miss_cost)
+
+    ties going to an instance that has the key, then round robin. The runtime calls it as
+    each frame is routed, so it binds on the live queue depths of that moment.
+
+    The cache model. A scheduler cannot see the engines (the runtime never imports one),
+    so it models each instance's prefix cache from its own decisions, as SGLang's
+    cache-aware router keeps an approximate radix tree per worker: an LRU of the last
+    ``cache_keys`` distinct keys it sent to that instance. The model is only a guess
+    (an engine may evict sooner under memory pressure, or hold more); a wrong guess costs
+    a miss or a detour of at most ``miss_cost`` frames, never correctness.
+
+    Consequences: a key seen for the first time goes to the least loaded instance and
+    stays there while that instance is within ``miss_cost`` frames of the least loaded
+    one; past that the frame goes elsewhere and the key is then cached on two instances,
+    whose loads it shares; so a hot prompt spreads over as many instances as its load
+    needs and a rare one keeps its single home. The chosen instance never carries more
+    than ``miss_cost`` frames above the least loaded one (an additive bound, where
+    prompt-sticky's is a factor of the mean). Instances added receive new keys and
+    overflow first; the model of a removed instance is dropped.
+
+    Cost per frame: one dict lookup per instance (the scan least-outstanding does, plus a
+    set membership test each: about 0.3 µs at four instances) and an O(1) LRU update.
+
+    Options:
+        miss_cost: what a prefix-cache miss is worth in outstanding frames, >= 0. Set it
+            to about the prefill time of the shared prefix divided by the wait one queued
+            frame adds. 0 is least-outstanding that prefers a cached instance on ties.
+        cache_keys: how many prompt keys one instance's prefix cache is assumed to hold,
+            1..65536: about its free KV capacity divided by a template's prefix length.
+    """
+
+    name = "prompt-cost"
+    option_defaults: ClassVar[Mapping[str, object]] = MappingProxyType(
+        {"miss_cost": 4.0, "cache_keys": 8}
+    )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        miss = float(self.options["miss_cost"])
+        if not 0.0 <= miss <= 10_000.0:  # also rejects NaN
+            raise self._option_error(
+                f"option 'miss_cost' must be a number in 0..10000 (frames), got {miss}"
+            )
+        keys = int(self.options["cache_keys"])
+        if not 1 <= keys <= 65_536:
+            raise self._option_error(f"option 'cache_keys' must be in 1..65536, got {keys}")
+        self._miss_cost = miss
+        self._cache_keys = keys
+        # Per instance: the keys modelled as in its prefix cache, least recently sent first.
+        self._cached: dict[int, OrderedDict[bytes, None]] = {}
+
+    def _instances_changed(self) -> None:
+        self._cached = {i: self._cached.get(i) or OrderedDict() for i in self._instances}
+
+    def cached_keys(self, instance_id: int) -> tuple[bytes, ...]:
+        """The keys modelled as cached on ``instance_id``, least recently sent first.
+
+        Raises:
+            KeyError: the instance is not present.
+        """
+        return tuple(self._cached[instance_id])
+
+    def choose(self, key: bytes | None, loads: Mapping[int, int]) -> int:
+        if key is None or not self._instances:
+            return self._least_outstanding(loads)
+        n = len(self._instances)
+        start = self._cursor
+        if start >= n:
+            start = 0
+        cached = self._cached
+        miss = self._miss_cost
+        best = -1
+        best_cost = math.inf
+        best_hit = False
+        # Scan from the round-robin cursor, as least-outstanding does, so that equal costs
+        # rotate; among equal costs an instance holding the key wins.
+        for instance in self._doubled[start : start + n]:
+            hit = key in cached[instance]
+            cost = loads[instance] if hit else loads[instance] + miss
+            if cost < best_cost or (cost == best_cost and hit and not best_hit):
+                best, best_cost, best_hit = instance, cost, hit
+        lru = cached[best]
+        if best_hit:
+            lru.move_to_end(key)
+        else:
+            lru[key] = None
+            if len(lru) > self._cache_keys:
+                lru.popitem(last=False)
+        self._cursor = self._index[best] + 1
+        return best
 
 
 def _entry_points() -> list[metadata.EntryPoint]:
