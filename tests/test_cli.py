@@ -246,7 +246,7 @@ async def test_a_killed_instance_is_replaced(tmp_path: Path) -> None:
                 ):
                     break
                 await trio.sleep(0.05)
-        assert rt.restarts == 1
+        assert rt.statistics().restarts == 1
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
             rs = await client.run(Number(value=6))
         assert [r.message.total for r in rs if isinstance(r.message, Total)] == [55]

@@ -277,7 +277,7 @@ async def test_idempotent_stage_retries_work_of_a_crashed_instance(
         with trio.fail_after(60):
             await run_many(info, values, results, errors)
         stats = info.runtime.statistics()
-        retried = info.runtime.frames_retried
+        retried = info.runtime.statistics().frames_retried
         nursery.cancel_scope.cancel()
     assert (tmp_path / "crashed").exists()
     assert not errors, errors

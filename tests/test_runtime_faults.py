@@ -211,7 +211,7 @@ class Peer:
     def __init__(self, nursery: trio.Nursery, runtime: Runtime) -> None:
         mine, theirs = socket.socketpair()
         self.sock = trio.socket.from_stdlib_socket(mine)
-        nursery.start_soon(runtime._handle, trio.socket.from_stdlib_socket(theirs))
+        nursery.start_soon(runtime.handle_connection, trio.socket.from_stdlib_socket(theirs))
         self.decoder = FrameDecoder(1 << 30)
         self.id = 0  # the instance id from WELCOME
 
@@ -387,7 +387,7 @@ async def test_backpressure_with_in_process_ingress_does_not_deadlock(tmp_path: 
             nursery.cancel_scope.cancel()
         assert finished == ["done"] * 10
         assert not rt.requests
-        assert all(not i.backlog and i.inflight == 0 for i in rt.instances.values())
+        assert all(not i.backlog and i.credits_in_use == 0 for i in rt.instances.values())
 
 
 # --------------------------------------------------------------------------- B4
@@ -423,7 +423,7 @@ async def test_submit_too_large_once_re_encoded_is_refused(tmp_path: Path) -> No
         assert refused.kind == FrameKind.REFUSED and refused.key_path == (7,)
         assert b"too large" in refused.payload and b"1024" in refused.payload
         assert rt.requests == {}  # nothing admitted, nothing leaked
-        assert rt.requests_submitted == 0
+        assert rt.statistics().requests_submitted == 0
         await one_request(client, 8, a, b)  # the same connection goes on
         assert rt.requests == {}
 
@@ -473,7 +473,7 @@ async def test_coalesced_ack_beyond_the_unacknowledged_is_a_protocol_error(
         inst = rt.instances[b.id]
         assert inst.state == InstanceState.CRASHED
         assert inst.last_error == "protocol error: ACK of 5 frames, but 1 are unacknowledged"
-        assert inst.inflight == 0 and inst.depth == 0
+        assert inst.credits_in_use == 0 and inst.queue_depth == 0
         error = await client.expect(FrameKind.ERROR)
         assert error.key_path == (rid,)
         assert b"ACK of 5 frames, but 1 are unacknowledged" in error.payload
@@ -493,7 +493,7 @@ async def test_draining_the_last_instance_of_a_stage_is_refused(tmp_path: Path) 
         with pytest.raises(ValueError, match="last of stage 'b'"):
             await rt.drain(b.id)
         assert rt.instances[b.id].state == InstanceState.READY
-        assert rt.stages["b"].target == 1
+        assert rt.stages["b"].target_instances == 1
         assert await b.pump() == []  # no STOP
         # with a second instance, draining one is fine
         b2 = await connect().instance("b")
@@ -536,7 +536,7 @@ async def test_runtime_submit_closed_after_accepted_does_not_leak(tmp_path: Path
         assert first.kind == "accepted"
         await events.aclose()  # e.g. the HTTP client went away
         await wait_until(lambda: not rt.requests)  # the request ran to its end
-        assert rt.requests_completed == 1
+        assert rt.statistics().requests_completed == 1
         with trio.fail_after(TIMEOUT):
             kinds = []
             totals = []
@@ -546,7 +546,7 @@ async def test_runtime_submit_closed_after_accepted_does_not_leak(tmp_path: Path
                     totals.append(Total.FromString(ev.payload).total)
         assert kinds[0] == "accepted" and kinds[-1] == "done"
         assert totals == [14]
-        assert not rt.requests and rt.requests_refused == 0
+        assert not rt.requests and rt.statistics().requests_refused == 0
 
 
 # --------------------------------------------------------------------------- B9
@@ -689,7 +689,7 @@ async def test_idempotent_stage_that_crashes_after_writing_fails_its_request(
                 assert "crashed" in err.value.message
                 assert marker.exists()
                 assert [r.message.value for r in results] == [7]  # written once, not again
-                assert info.runtime.frames_retried == 0
+                assert info.runtime.statistics().frames_retried == 0
                 # the surviving instance serves the next request, once
                 again = await c.run(Number(value=8))
         assert [(r.queue, r.message.value) for r in again] == [("out", 8)]
@@ -700,7 +700,7 @@ async def test_idempotent_stage_that_crashes_after_writing_fails_its_request(
 
 async def test_ended_instances_are_forgotten_past_a_history(tmp_path: Path) -> None:
     runtime = make_runtime(demo_pipeline(tmp_path))
-    ids = [runtime.new_instance_id("square") for _ in range(40)]
+    ids = [runtime.supervisor.new_instance("square").id for _ in range(40)]
     for iid in ids:
         runtime.instance_lost(runtime.instances[iid], "gone", quiet=True)
     kept = [i.instance_id for i in runtime.statistics().instances if i.stage == "square"]

@@ -424,7 +424,7 @@ async def raw_peer(
     runtime: Runtime, nursery: trio.Nursery, hello: dict[str, object]
 ) -> trio.SocketStream:
     ours, theirs = socket.socketpair()
-    nursery.start_soon(runtime._handle, trio.socket.from_stdlib_socket(theirs))
+    nursery.start_soon(runtime.handle_connection, trio.socket.from_stdlib_socket(theirs))
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     await stream.send_all(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
     return stream

@@ -13,7 +13,6 @@ client: one connection, one reader task, one channel per request.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,15 +23,10 @@ import trio
 from google.protobuf.message import Message
 
 from ._config import resolve
-from ._errors import (
-    AuthenticationError,
-    OverloadedError,
-    RemoteProtocolError,
-    RequestFailed,
-    RuntimeUnavailable,
-)
+from ._errors import OverloadedError, RequestFailed, RuntimeUnavailable
 from ._serve import read_discovery
-from .dataplane._frames import NEED_DATA, Frame, FrameDecoder, FrameKind, encode
+from .dataplane._frames import FrameKind, encode
+from .dataplane._peer import PeerConnection
 
 __all__ = ["Client", "Result", "open_client"]
 
@@ -51,7 +45,7 @@ class Client:
     def __init__(self, stream: trio.abc.Stream, token: str) -> None:
         self._stream = stream
         self._token = token
-        self._decoder = FrameDecoder()
+        self._peer = PeerConnection(stream.send_all, self._receive_some)
         self._corr = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[Any]] = {}
         self._by_rid: dict[int, trio.MemorySendChannel[Any]] = {}
@@ -62,41 +56,18 @@ class Client:
         self._closed = False
 
     async def _handshake(self) -> None:
-        await self._stream.send_all(
-            encode(
-                FrameKind.HELLO,
-                [0],
-                payload=json.dumps({"token": self._token, "role": "client"}).encode(),
-            )
-        )
-        frame = await self._next_frame()
-        if frame is None:
-            raise AuthenticationError("the runtime closed the connection during the handshake")
-        if frame.kind == FrameKind.REFUSED:
-            raise AuthenticationError(
-                f"the runtime refused the connection: {frame.payload.decode()}"
-            )
-        if frame.kind != FrameKind.WELCOME:
-            raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
-        body = json.loads(frame.payload)
+        body = await self._peer.handshake({"token": self._token, "role": "client"})
         self.pipeline = body["pipeline"]
         self.input_queue = body["input"]
         self._types = {
             q: resolve(t, what="message type") for q, t in body.get("queues", {}).items()
         }
 
-    async def _next_frame(self) -> Frame | None:
-        while True:
-            ev = self._decoder.next_event()
-            if ev is NEED_DATA:
-                try:
-                    data = await self._stream.receive_some(256 * 1024)
-                except trio.BrokenResourceError:
-                    data = b""
-                self._decoder.receive_data(bytes(data))
-                continue
-            assert ev is None or isinstance(ev, Frame)
-            return ev
+    async def _receive_some(self) -> bytes:
+        try:
+            return bytes(await self._stream.receive_some(256 * 1024))
+        except trio.BrokenResourceError:
+            return b""
 
     @staticmethod
     def _deliver(ch: trio.MemorySendChannel[Any], item: tuple[str, Any]) -> None:
@@ -109,7 +80,7 @@ class Client:
     async def _reader(self) -> None:
         try:
             while True:
-                frame = await self._next_frame()
+                frame = await self._peer.next_frame()
                 if frame is None:
                     break
                 k = frame.kind

@@ -41,6 +41,7 @@ graph, and ``aggregate_level`` must lie in ``1..depth``. Anything wrong is a
 from __future__ import annotations
 
 import importlib
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,23 @@ class PipelineConfig:
         return tuple(out)
 
 
+def default_max_instances() -> int:
+    """The default cap on instance processes: sized to the machine, generous enough for
+    the paper's 16-instance deployment on a 2-core machine (each instance is mostly
+    waiting on a GPU or a socket), bounded so that a scale request cannot fork-bomb it."""
+    return max(32, 8 * (os.cpu_count() or 1))
+
+
+# Upper bounds of every number a deployment file (or the API) may set. A typo of three
+# zeros must be an error, not a runtime that tries to honour it.
+MAX_INSTANCES = 4096
+MAX_CREDITS = 1 << 20
+MAX_INFLIGHT = 1 << 20
+MAX_BACKLOG = 1 << 24
+MAX_FRAME_SIZE = 1 << 30
+MAX_TIMEOUT_SECONDS = 24 * 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeLimits:
     credits: int = 64
@@ -149,12 +167,14 @@ class RuntimeLimits:
     backlog_limit: int = 4096
     max_frame_size: int = 16 * 1024 * 1024
     stop_timeout: float = 5.0
+    max_instances: int = field(default_factory=default_max_instances)  # instance processes
 
 
 @dataclass(frozen=True, slots=True)
 class StageDeployment:
     instances: int = 1
     credits: int | None = None
+    max_instances: int | None = None  # None: the runtime's max_instances
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +189,12 @@ class DeploymentConfig:
     def credits(self, stage: str) -> int:
         d = self.stages.get(stage)
         return d.credits if d is not None and d.credits is not None else self.runtime.credits
+
+    def max_instances(self, stage: str) -> int:
+        d = self.stages.get(stage)
+        if d is not None and d.max_instances is not None:
+            return min(d.max_instances, self.runtime.max_instances)
+        return self.runtime.max_instances
 
 
 class _Table:
@@ -212,11 +238,30 @@ class _Table:
     def table(self, k: str, default: Any = ...) -> dict[str, Any]:
         return dict(self.get(k, dict, default, what="a table"))
 
-    def positive(self, k: str, default: Any = ..., minimum: int = 1) -> Any:
-        """An int >= ``minimum`` (or the default, which may be None)."""
+    def positive(
+        self, k: str, default: Any = ..., minimum: int = 1, maximum: int | None = None
+    ) -> Any:
+        """An int in ``minimum..maximum`` (or the default, which may be None)."""
         v = self.get(k, int, default)
         if v is not None and v < minimum:
             raise ConfigError(self.path, self.key(k), f"must be >= {minimum}, got {v}")
+        if v is not None and maximum is not None and v > maximum:
+            raise ConfigError(
+                self.path,
+                self.key(k),
+                f"must be at most {maximum}, got {v}; allowed: {minimum}..{maximum}",
+            )
+        return v
+
+    def seconds(self, k: str, default: float, maximum: float = MAX_TIMEOUT_SECONDS) -> float:
+        """A positive number of seconds, at most ``maximum``."""
+        v = float(self.get(k, (int, float), default))
+        if not 0 < v <= maximum:
+            raise ConfigError(
+                self.path,
+                self.key(k),
+                f"must be a positive number of seconds up to {maximum:g}, got {v}",
+            )
         return v
 
 
@@ -304,7 +349,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
                 raise ConfigError(p, t.key("outputs"), f"queue {q!r} is the pipeline's input")
             producers.setdefault(q, []).append(sname)
         stateful = t.get("stateful", bool, False)
-        level = t.positive("aggregate_level", None)
+        level = t.positive("aggregate_level", None, maximum=255)
         if level is not None and not stateful:
             raise ConfigError(
                 p, t.key("aggregate_level"), "only stateful stages aggregate; set stateful = true"
@@ -336,10 +381,10 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
                 "scheduler", str, "consistent-hash" if stateful else "least-outstanding"
             ),
             scheduler_options=t.table("scheduler_options", {}),
-            gpus=t.positive("gpus", 0, minimum=0),
+            gpus=t.positive("gpus", 0, minimum=0, maximum=1024),
             idempotent=t.get("idempotent", bool, False),
             backend=backend,
-            concurrency=t.positive("concurrency", 64),
+            concurrency=t.positive("concurrency", 64, maximum=65536),
             options=t.table("options", {}),
         )
 
@@ -440,20 +485,23 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
     top.check_keys(("runtime", "stages"))
     rt = _Table(p, "runtime", top.table("runtime", {}))
     rt.check_keys(
-        ("credits", "max_inflight_requests", "backlog_limit", "max_frame_size", "stop_timeout")
-    )
-    d = RuntimeLimits()
-    stop_timeout = float(rt.get("stop_timeout", (int, float), d.stop_timeout))
-    if not stop_timeout > 0 or stop_timeout == float("inf"):
-        raise ConfigError(
-            p, "runtime.stop_timeout", f"must be a positive number of seconds, got {stop_timeout}"
+        (
+            "credits", "max_inflight_requests", "backlog_limit", "max_frame_size",
+            "stop_timeout", "max_instances",
         )
+    )  # fmt: skip
+    d = RuntimeLimits()
     limits = RuntimeLimits(
-        credits=rt.positive("credits", d.credits),
-        max_inflight_requests=rt.positive("max_inflight_requests", d.max_inflight_requests),
-        backlog_limit=rt.positive("backlog_limit", d.backlog_limit),
-        max_frame_size=rt.positive("max_frame_size", d.max_frame_size, minimum=1024),
-        stop_timeout=stop_timeout,
+        credits=rt.positive("credits", d.credits, maximum=MAX_CREDITS),
+        max_inflight_requests=rt.positive(
+            "max_inflight_requests", d.max_inflight_requests, maximum=MAX_INFLIGHT
+        ),
+        backlog_limit=rt.positive("backlog_limit", d.backlog_limit, maximum=MAX_BACKLOG),
+        max_frame_size=rt.positive(
+            "max_frame_size", d.max_frame_size, minimum=1024, maximum=MAX_FRAME_SIZE
+        ),
+        stop_timeout=rt.seconds("stop_timeout", d.stop_timeout, maximum=3600.0),
+        max_instances=rt.positive("max_instances", d.max_instances, maximum=MAX_INSTANCES),
     )
     stages: dict[str, StageDeployment] = {}
     for sname, sdata in top.table("stages", {}).items():
@@ -463,8 +511,17 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
                 f"no such stage in {pipeline.path}; stages: {', '.join(pipeline.stages)}",
             )  # fmt: skip
         t = _Table(p, f"stages.{sname}", sdata)
-        t.check_keys(("instances", "credits"))
-        stages[sname] = StageDeployment(t.positive("instances", 1), t.positive("credits", None))
+        t.check_keys(("instances", "credits", "max_instances"))
+        cap = t.positive("max_instances", None, maximum=limits.max_instances)
+        n = t.positive("instances", 1, maximum=cap if cap is not None else limits.max_instances)
+        stages[sname] = StageDeployment(n, t.positive("credits", None, maximum=MAX_CREDITS), cap)
+    total = sum(stages[s].instances if s in stages else 1 for s in pipeline.stages)
+    if total > limits.max_instances:
+        raise ConfigError(
+            p,
+            "stages",
+            f"the deployment asks for {total} instances in all, more than runtime.max_instances = {limits.max_instances}",
+        )
     return DeploymentConfig(p, limits, stages)
 
 

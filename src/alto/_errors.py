@@ -106,3 +106,15 @@ class OverloadedError(AltoError):
 
 class RuntimeUnavailable(AltoError):
     """No alto runtime answered at the address given."""
+
+
+MAX_ERROR_CHARS = 4096
+"""Characters of an error message kept in frames, logs and statistics. A stage may raise
+with a whole document as its message; what travels and is stored stays small."""
+
+
+def truncate_error(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` cut to ``limit`` characters, saying how many were left out."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... ({len(message) - limit} more characters)"

@@ -30,10 +30,9 @@ from typing import Any
 import trio
 
 from ._config import DeploymentConfig, PipelineConfig, load_deployment, load_pipeline
-from ._errors import AltoError, ConfigError
+from ._errors import ConfigError
 from .dataplane._launcher import LocalLauncher
 from .dataplane._runtime import Runtime
-from .dataplane._stats import InstanceState
 
 log = logging.getLogger("alto.serve")
 
@@ -192,46 +191,15 @@ async def _serve(
         tcp_address = f"{host}:{t.getsockname()[1]}"
 
     async with trio.open_nursery() as nursery:
-        launcher: LocalLauncher | None = None
-
-        async def spawn(stage: str, iid: int) -> None:
-            assert launcher is not None
-            await launcher.spawn(stage, iid)
-
-        def stop_instance(iid: int) -> None:
-            if launcher is not None:
-                launcher.stop(iid)
-
-        runtime = Runtime(
-            pipeline, deployment, token=token, spawn=spawn, stop_instance=stop_instance
-        )
+        runtime = Runtime(pipeline, deployment, token=token)
         launcher = LocalLauncher(
             pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited
         )
+        runtime.launcher = launcher
         try:
             await nursery.start(runtime.serve, listeners)
-            for name in pipeline.stages:
-                for _ in range(deployment.instances(name)):
-                    await launcher.spawn(name, runtime.new_instance_id(name))
-            with trio.move_on_after(ready_timeout) as scope:
-                while any(i.state == InstanceState.STARTING for i in runtime.instances.values()):
-                    crashed = [
-                        i for i in runtime.instances.values() if i.state == InstanceState.CRASHED
-                    ]
-                    if crashed:
-                        raise AltoError(
-                            f"instance {crashed[0].stage.name}/{crashed[0].id} failed to start: {crashed[0].last_error}"
-                        )
-                    await trio.sleep(0.05)
-            if scope.cancelled_caught:
-                late = [
-                    f"{i.stage.name}/{i.id}"
-                    for i in runtime.instances.values()
-                    if i.state == InstanceState.STARTING
-                ]
-                raise AltoError(
-                    f"instances did not register within {ready_timeout} s: {', '.join(late)}"
-                )
+            runtime.start_instances()
+            await runtime.wait_ready(ready_timeout)
             http_url = None
             if http:
                 from .control import serve_control
@@ -273,9 +241,7 @@ async def _serve(
             task_status.started(info)
             await trio.sleep_forever()
         finally:
-            runtime.begin_shutdown()
-            with trio.CancelScope(shield=True):
-                await launcher.shutdown()
+            await runtime.supervisor.shutdown()
             nursery.cancel_scope.cancel()
 
 

@@ -12,20 +12,19 @@ timer), and an input's ACK always follows its outputs on the wire (design.md inv
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import traceback
-from typing import Any
 
 import anyio
 from anyio.abc import ByteStream
 
 from ._config import PipelineConfig, StageConfig, load_pipeline, resolve
-from ._errors import AuthenticationError, RemoteProtocolError, StageError
+from ._errors import RemoteProtocolError, StageError, truncate_error
 from ._stage import Context, StageHandler, StageInfo
-from .dataplane._frames import NEED_DATA, Frame, FrameDecoder, FrameKind, encode
+from .dataplane._frames import Frame, FrameKind, encode
+from .dataplane._peer import PeerConnection
 
 log = logging.getLogger("alto.worker")
 
@@ -99,29 +98,16 @@ async def connect(address: str) -> ByteStream:
     return await anyio.connect_tcp(host.strip("[]"), int(port))
 
 
-async def handshake(
-    stream: ByteStream, hello: dict[str, Any], decoder: FrameDecoder
-) -> dict[str, Any]:
-    """Send HELLO, wait for WELCOME. Raises AuthenticationError when refused."""
-    await stream.send(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
-    while True:
-        ev = decoder.next_event()
-        if ev is NEED_DATA:
-            try:
-                data = await stream.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                data = b""
-            decoder.receive_data(data)
-            continue
-        if ev is None:
-            raise AuthenticationError("the runtime closed the connection during the handshake")
-        assert isinstance(ev, Frame)
-        if ev.kind == FrameKind.REFUSED:
-            raise AuthenticationError(f"the runtime refused the connection: {ev.payload.decode()}")
-        if ev.kind != FrameKind.WELCOME:
-            raise RemoteProtocolError(f"expected WELCOME, got {ev.kind.name}")
-        body: dict[str, Any] = json.loads(ev.payload)
-        return body
+def peer_connection(stream: ByteStream) -> PeerConnection:
+    """The shared peer protocol (``alto.dataplane._peer``) over an anyio byte stream."""
+
+    async def receive_some() -> bytes:
+        try:
+            return await stream.receive(256 * 1024)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return b""
+
+    return PeerConnection(stream.send, receive_some)
 
 
 class Worker:
@@ -161,25 +147,25 @@ class Worker:
             await self.handler.aclose()
 
     async def _serve(self, stream: ByteStream) -> None:
-        decoder = FrameDecoder()
-        welcome = await handshake(
-            stream,
+        peer = peer_connection(stream)
+        welcome = await peer.handshake(
             {
                 "token": self.token,
                 "role": "instance",
                 "stage": self.stage.name,
                 "instance": self.instance,
                 "pid": os.getpid(),
-            },
-            decoder,
+            }
         )
         self.instance = int(welcome["instance"])
         log.info(
             "stage %s instance %d connected (pid %d, %s backend)",
             self.stage.name, self.instance, os.getpid(), self.stage.backend,
         )  # fmt: skip
-        decoder.max_frame_size = int(welcome["max_frame_size"])
-        out = _Output(stream, decoder.max_frame_size, bool(welcome.get("coalesce_acks", False)))
+        peer.decoder.max_frame_size = int(welcome["max_frame_size"])
+        out = _Output(
+            stream, peer.decoder.max_frame_size, bool(welcome.get("coalesce_acks", False))
+        )
         info = StageInfo(
             self.stage.name,
             self.instance,
@@ -193,36 +179,23 @@ class Worker:
         async with anyio.create_task_group() as flush_tg:
             flush_tg.start_soon(out.flusher)
             async with anyio.create_task_group() as tg:
-                stopping = False
-                while not stopping:
-                    ev = decoder.next_event()
-                    if ev is NEED_DATA:
-                        try:
-                            data = await stream.receive(256 * 1024)
-                        except (
-                            anyio.EndOfStream,
-                            anyio.BrokenResourceError,
-                            anyio.ClosedResourceError,
-                        ):
-                            data = b""
-                        decoder.receive_data(data)
-                        continue
-                    if ev is None:
+                while True:
+                    frame = await peer.next_frame()
+                    if frame is None:
                         log.info("runtime closed the connection")
                         tg.cancel_scope.cancel()
                         break
-                    assert isinstance(ev, Frame)
-                    if ev.kind in (FrameKind.DATA, FrameKind.GROUP_CLOSED):
+                    if frame.kind in (FrameKind.DATA, FrameKind.GROUP_CLOSED):
                         # Stateful stages: one at a time and in order. The limiter is taken
                         # here, before the next frame is read, so order is kept.
                         if self.stage.stateful:
                             await limit.acquire()
-                        tg.start_soon(self._process, ev, info, out, limit)
-                    elif ev.kind == FrameKind.STOP:
-                        stopping = True
+                        tg.start_soon(self._process, frame, info, out, limit)
+                    elif frame.kind == FrameKind.STOP:
+                        break
                     else:
                         raise RemoteProtocolError(
-                            f"unexpected {ev.kind.name} frame from the runtime"
+                            f"unexpected {frame.kind.name} frame from the runtime"
                         )
             await out.finish()
 
@@ -242,11 +215,9 @@ class Worker:
                     await self.handler.process(msg, ctx)
             except Exception as exc:
                 # A StageError already names stage and instance; the runtime adds them too.
-                detail = (
+                detail = truncate_error(  # an error frame must stay small
                     exc.message if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
                 )
-                if len(detail) > 4096:  # an error frame must stay small
-                    detail = detail[:4096] + f"... ({len(detail) - 4096} more characters)"
                 if not isinstance(exc, StageError):
                     traceback.print_exc()
                 out.send_nowait(encode(FrameKind.ERROR, frame.key_path, payload=detail.encode()))

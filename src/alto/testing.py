@@ -58,14 +58,8 @@ from ._config import (
 from ._errors import ConfigError
 from ._worker import Worker
 from .dataplane._runtime import Runtime
-from .dataplane._stats import InstanceState
 
 __all__ = ["InProcessPipeline", "open_pipeline"]
-
-# How often the start-up waits look at the instances' states. Registration is a single
-# round trip over a socketpair, so the wait is short; under an autojump clock it costs
-# virtual time only.
-_POLL = 0.001
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,11 +85,65 @@ class InProcessPipeline:
     async def wait_ready(self) -> None:
         """Wait until no instance is starting (after ``runtime.scale(...)``, say).
 
-        An instance that fails to start raises out of the ``open_pipeline`` block (its
-        task runs in the pipeline's nursery), which cancels this wait.
+        Raises AltoError naming an instance that failed to start.
         """
-        while any(i.state == InstanceState.STARTING for i in self.runtime.instances.values()):
-            await trio.sleep(_POLL)
+        await self.runtime.wait_ready()
+
+
+class _InProcessLauncher:
+    """Starts instances as tasks of the pipeline's nursery, each a real Worker talking to
+    the runtime over a socketpair (the Launcher protocol of ``alto.dataplane``)."""
+
+    def __init__(
+        self, cfg: PipelineConfig, runtime: Runtime, token: str, nursery: trio.Nursery
+    ) -> None:
+        self.cfg, self.runtime, self.token, self.nursery = cfg, runtime, token, nursery
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.workers: dict[int, Worker] = {}
+
+    def serve(self, sock: socket.socket) -> None:
+        self.nursery.start_soon(
+            self.runtime.handle_connection, trio.socket.from_stdlib_socket(sock)
+        )
+
+    def start(self, worker: Worker, iid: int) -> None:
+        worker.instance = iid
+        worker_end, served_end = socket.socketpair()
+        self.serve(served_end)
+        self.nursery.start_soon(self._run, worker, worker_end)
+
+    async def _run(self, worker: Worker, sock: socket.socket) -> None:
+        # What Worker.run does, over our socket instead of a connection to an address.
+        assert worker.instance is not None
+        iid = worker.instance
+        with trio.CancelScope() as scope:
+            self.scopes[iid] = scope
+            wstream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+            async with wstream:
+                await worker.handler.setup()
+                try:
+                    await worker._serve(wstream)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await worker.handler.aclose()
+        self.scopes.pop(iid, None)
+        self.runtime.instance_exited(iid, 0)  # it got STOP, or the runtime closed
+
+    async def spawn(self, stage: str, instance_id: int) -> None:
+        cfg = self.cfg
+        self.start(
+            Worker(
+                cfg, cfg.stages[stage], address="inproc", token=self.token, instance=instance_id
+            ),
+            instance_id,
+        )
+
+    def stop(self, instance_id: int) -> None:
+        pass  # the worker got STOP and ends by itself
+
+    async def shutdown(self) -> None:
+        for scope in self.scopes.values():
+            scope.cancel()
 
 
 def _deployment(
@@ -159,37 +207,13 @@ async def open_pipeline(
     # The client's socket is closed only once the nursery is done, so its reader task is
     # never woken by "another task closed this fd".
     async with stream, trio.open_nursery() as nursery:
-
-        def serve(sock: socket.socket) -> None:
-            nursery.start_soon(runtime._handle, trio.socket.from_stdlib_socket(sock))
-
-        async def run_instance(worker: Worker, sock: socket.socket) -> None:
-            # What Worker.run does, over our socket instead of a connection to an address.
-            wstream = await anyio.abc.UNIXSocketStream.from_socket(sock)
-            async with wstream:
-                await worker.handler.setup()
-                try:
-                    await worker._serve(wstream)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await worker.handler.aclose()
-            assert worker.instance is not None
-            runtime.instance_exited(worker.instance, 0)  # it got STOP, or the runtime closed
-
-        def start(worker: Worker, iid: int) -> None:
-            worker.instance = iid
-            worker_end, served_end = socket.socketpair()
-            serve(served_end)
-            nursery.start_soon(run_instance, worker, worker_end)
-
-        async def spawn(stage: str, iid: int) -> None:
-            start(Worker(cfg, cfg.stages[stage], address="inproc", token=token, instance=iid), iid)
-
-        runtime._spawn = spawn  # so that runtime.scale() starts instances in this nursery
+        launcher = _InProcessLauncher(cfg, runtime, token, nursery)
+        runtime.launcher = launcher  # so that runtime.scale() starts instances in this nursery
         try:
+            await nursery.start(runtime.serve, ())
             for worker in first:
-                start(worker, runtime.new_instance_id(worker.stage.name))
-            serve(runtime_end)
+                launcher.start(worker, runtime.supervisor.new_instance(worker.stage.name).id)
+            launcher.serve(runtime_end)
             await client._handshake()
             nursery.start_soon(client._reader)
             p = InProcessPipeline(runtime, client, cfg)

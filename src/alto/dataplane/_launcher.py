@@ -1,4 +1,12 @@
-"""The local launcher: one OS process per stage instance, managed like a server's workers.
+"""Launchers start and stop instance processes; the local one runs them on this machine.
+
+The runtime's supervisor talks to a launcher through the small :class:`Launcher`
+protocol: ``spawn`` an instance with the id the supervisor reserved, ``stop`` one that was
+sent STOP (making sure it is gone after ``stop_timeout``), ``shutdown`` everything. The
+launcher reports every exit back through the ``on_exit(instance_id, returncode)`` callback
+it was built with, so the supervisor learns of a crash even before the connection breaks.
+
+The local launcher: one OS process per stage instance, managed like a server's workers.
 
 * Each instance runs ``python -m alto._worker`` with its settings in the environment and
   connects back over the runtime's UNIX socket.
@@ -20,8 +28,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -30,7 +39,24 @@ from .._errors import ConfigError
 
 log = logging.getLogger("alto.launcher")
 
-__all__ = ["LocalLauncher", "detect_gpus", "plan_gpus"]
+__all__ = ["ExitCallback", "Launcher", "LocalLauncher", "detect_gpus", "plan_gpus"]
+
+ExitCallback = Callable[[int, "int | None"], None]
+"""``on_exit(instance_id, returncode)``: an instance process ended (None: unknown code)."""
+
+
+class Launcher(Protocol):
+    """What the supervisor needs of a launcher."""
+
+    async def spawn(self, stage: str, instance_id: int) -> None:
+        """Start an instance of ``stage`` that will register as ``instance_id``; return
+        once it is started (not registered). Raises when it cannot be started."""
+
+    def stop(self, instance_id: int) -> None:
+        """The instance was sent STOP: make sure it is gone after ``stop_timeout``."""
+
+    async def shutdown(self) -> None:
+        """Stop every instance (terminate, then kill after ``stop_timeout``)."""
 
 
 def detect_gpus(env: Mapping[str, str] | None = None) -> list[str]:
@@ -89,7 +115,7 @@ class LocalLauncher:
         address: str,
         token: str,
         nursery: trio.Nursery,
-        on_exit: object,
+        on_exit: ExitCallback,
         *,
         gpus: list[str] | None = None,
         extra_env: Mapping[str, str] | None = None,
@@ -166,7 +192,7 @@ class LocalLauncher:
         if ids is not None:
             self.free_gpus.setdefault(stage, []).append(ids)
         log.info("%s/%d exited with code %s", stage, iid, rc)
-        self.on_exit(iid, rc)  # type: ignore[operator]
+        self.on_exit(iid, rc)
 
     def stop(self, instance_id: int) -> None:
         """The worker got STOP; make sure it is gone after ``stop_timeout``."""

@@ -51,6 +51,7 @@ class StageStatistics:
     target_instances: int
     frames_processed: int
     errors: int
+    max_instances: int = 0  # the most instances the stage may have (0: not reported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,10 @@ class RuntimeStatistics:
     edges: tuple[tuple[str, str, str], ...] = field(
         default=()
     )  # (from stage or "ingress", queue, to stage or "sink")
+    frames_discarded: int = 0  # frames of requests that had already ended
+    frames_retried: int = 0  # inputs of crashed idempotent instances sent again
+    restarts: int = 0  # crashed instances replaced
+    max_instances: int = 0  # the most instance processes the runtime may run (0: not reported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +101,11 @@ class RuntimeCommands(Protocol):
     def statistics(self) -> RuntimeStatistics: ...
 
     async def scale(self, stage: str, instances: int) -> None:
-        """Spawn or drain instances until ``stage`` has ``instances`` of them.
+        """Set ``stage``'s target to ``instances``: returns at once; new instances start
+        (or surplus ones drain) in the background, visible in ``statistics()``.
 
-        Raises KeyError for an unknown stage and ValueError for a count below 1.
+        Raises KeyError for an unknown stage and ValueError for a count below 1 or past
+        the stage's or the runtime's ``max_instances`` (the message names the limit).
         """
 
     async def drain(self, instance_id: int) -> None:
