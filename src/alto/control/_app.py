@@ -29,7 +29,7 @@ import ipaddress
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,13 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request, send_from_directory
 from quart_trio import QuartTrio
@@ -274,6 +281,70 @@ class _RequestRun:
         yield self.render(RequestEvent("error", self.request_id, message=message))
 
 
+class _CloseAfterEarlyAnswer:
+    """ASGI middleware: an answer that starts before the request body has been received
+    in full says ``Connection: close`` (RFC 9112 9.6), so the client does not reuse that
+    connection.
+
+    Why: a 401, 404, 405, 413 or 429 is often decided before the body is read. hypercorn's
+    h11 layer then cannot recycle the connection, and the close it starts instead runs in
+    the app's task, which quart-trio cancels as soon as its message reader sees the
+    ``http.disconnect`` that hypercorn's close sends first. The connection stays open and
+    is never recycled: hypercorn reads and drops the rest of the body, then leaves the
+    client's next request unread, and the client waits until its timeout. With
+    ``Connection: close`` the client sends its next request on a new connection and closes
+    this one, which ends it on the server side too. (Draining the unread rest instead would
+    hold every refusal until the whole body, up to ``MAX_REQUEST_BODY``, had arrived.)
+
+    Requests without a body (no ``Content-Length``, or 0, and no ``Transfer-Encoding``)
+    pass through untouched, so keep-alive for GETs never depends on timing.
+    """
+
+    def __init__(
+        self, app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+    ) -> None:
+        self._app = app
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        # HTTP/2 forbids the header (RFC 9113 8.2.2) and needs none: one stream ending
+        # early does not block the next.
+        if (
+            scope["type"] != "http"
+            or scope["http_version"] not in ("1.0", "1.1")
+            or not _declares_body(scope["headers"])
+        ):
+            await self._app(scope, receive, send)
+            return
+        body_received = False
+
+        async def tracking_receive() -> ASGIReceiveEvent:
+            nonlocal body_received
+            message = await receive()
+            # hypercorn passes the last piece only after h11 has seen the body's end.
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_received = True
+            return message
+
+        async def closing_send(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start" and not body_received:
+                kept = message.get("headers", [])
+                headers = [(k, v) for k, v in kept if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self._app(scope, tracking_receive, closing_send)
+
+
+def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 class _ClosingBody:
     """A response body that closes the runtime's result iterator with itself.
 
@@ -319,6 +390,8 @@ def create_app(
     static_dir = (dashboard_dir if dashboard_dir is not None else default_dashboard_dir()).resolve()
     app = QuartTrio("alto.control")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BODY
+    # Quart's documented place for ASGI middleware (Quart.asgi_app's docstring).
+    app.asgi_app = _CloseAfterEarlyAnswer(app.asgi_app)  # type: ignore[method-assign]
     registry, ingress = open_registry(runtime)
     hub = StatsHub(runtime, ingress, stream_interval)
     types: dict[str, Any] = {}
