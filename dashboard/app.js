@@ -10,6 +10,10 @@
     pipeline: null,               // GET /api/pipeline
     stats: null,                  // latest `stats` event
     depthHistory: new Map(),      // instance id -> [[time, depth], ...]
+    stageDepth: new Map(),        // stage -> [[time, total depth], ...] (compact cards)
+    selected: null,               // the instance whose cell was clicked (compact cards)
+    columnNodes: [],              // the graph's columns, ingress to sink
+    layout: null,                 // how they are laid out: see layoutGraph
     rateHistory: [],              // [[time, req/s]]
     latencyHistory: [],           // [[time, p50, p99]]
     layoutKey: "",
@@ -112,6 +116,23 @@
 
   // -- graph layout ----------------------------------------------------------------
 
+  // The graph fits the width of the panel; it never scrolls sideways. Its columns (the
+  // layers of the pipeline, ingress to sink) go into as few rows as fit, wrapping like
+  // text: cards narrow down to CARD_MIN and the gaps between columns to GAP_MIN before
+  // another row is opened. Width to spare goes to the gaps first (up to GAP_ROOMY, where
+  // an arrow's routing label fits under its queue name), then to the cards (up to
+  // CARD_MAX), then to the gaps again. Only a panel too narrow for one card per row
+  // zooms the graph out (a CSS scale), so the text stays as large as the page's wherever
+  // a layout can fit it.
+  const CARD_MIN = 192;           // a stage's name, its scale controls, a row of 6 cells
+  const CARD_MAX = 300;
+  const GAP_MIN = 80;             // a queue name fits between two cards (shrunk to 9.5 px)
+  const GAP_ROOMY = 124;          // ... and the routing label under it, at 11 px
+  const GAP_MAX = 160;
+  const GUTTER = 30;              // left and right of every row when there are several:
+                                  // the arrows from one row to the next run there
+  const COMPACT_ABOVE = 6;        // more instances than this: one small cell per instance
+
   function layers(pipeline) {
     // Longest path from the ingress: each stage sits one column right of its deepest input.
     const depth = new Map([["ingress", 0]]);
@@ -135,11 +156,9 @@
 
   function buildGraph() {
     const pipeline = state.pipeline;
-    const columns = $("columns");
-    columns.replaceChildren();
     const byName = new Map(pipeline.stages.map((s) => [s.name, s]));
-    for (const names of layers(pipeline)) {
-      const column = el("div", { class: "column" });
+    state.columnNodes = layers(pipeline).map((names, index) => {
+      const column = el("div", { class: "column", "data-col": String(index) });
       for (const name of names) {
         if (name === "ingress" || name === "sink") {
           column.append(el("div", { class: "endpoint", id: "node-" + name, "data-node": name, text: name }));
@@ -147,10 +166,90 @@
           column.append(stageCard(byName.get(name)));
         }
       }
-      columns.append(column);
-    }
+      return column;
+    });
+    state.layout = null;
     state.layoutKey = "";
+    layoutGraph();
     drawEdges();                  // the arrows need no stats: draw them before the first event
+  }
+
+  // Splits columns 0..n-1 into k consecutive rows, the widest as narrow as possible.
+  function partition(n, k, cost) {
+    // best[j][i]: [widest row, cuts] for the first i columns in j rows
+    const best = [[[0, []]]];
+    for (let j = 1; j <= k; j++) {
+      best[j] = [];
+      for (let i = j; i <= n - (k - j); i++) {
+        let choice = null;
+        for (let m = j - 1; m < i; m++) {
+          const prev = best[j - 1][m];
+          if (!prev) continue;
+          const widest = Math.max(prev[0], cost(m, i));
+          if (!choice || widest < choice[0]) choice = [widest, [...prev[1], [m, i]]];
+        }
+        best[j][i] = choice;
+      }
+    }
+    return best[k][n][1];
+  }
+
+  function layoutGraph() {
+    const graph = $("graph"), inner = $("graph-inner"), columns = $("columns");
+    const nodes = state.columnNodes || [];
+    if (!nodes.length) return;
+    // The pills are measured where they stand: put every column in the document first.
+    if (!nodes[0].isConnected) columns.replaceChildren(el("div", { class: "row" }, nodes));
+    const avail = graph.clientWidth;
+    if (state.layout && state.layout.avail === avail) return;
+    const fixed = nodes.map((col) => (col.querySelector(".stage") ? null : col.offsetWidth));
+    const n = nodes.length;
+    const width = (a, b, card, gap, gutters) => {
+      let w = gutters ? 2 * GUTTER : 0;
+      for (let i = a; i < b; i++) w += fixed[i] ?? card;
+      return w + (b - a - 1) * gap;
+    };
+    let rows = null;
+    for (let k = 1; k <= n && !rows; k++) {
+      const cost = (a, b) => width(a, b, CARD_MIN, GAP_MIN, k > 1);
+      const split = partition(n, k, cost);
+      if (Math.max(...split.map(([a, b]) => cost(a, b))) <= avail) rows = split;
+    }
+    let scale = 1, card = CARD_MIN, gap = GAP_MIN;
+    if (!rows) {                  // not even one card per row fits: zoom out
+      rows = nodes.map((_, i) => [i, i + 1]);
+      scale = Math.max(0.3, avail / Math.max(...rows.map(([a, b]) => width(a, b, card, gap, n > 1))));
+    } else {
+      // The same card width and gap in every row, so that the rows line up.
+      const multi = rows.length > 1;
+      const cards = (a, b) => nodes.slice(a, b).filter((_, i) => fixed[a + i] === null).length;
+      const growGap = (limit) => {
+        for (const [a, b] of rows) {
+          if (b - a > 1) gap = Math.min(gap, (avail - width(a, b, card, 0, multi)) / (b - a - 1));
+        }
+        gap = Math.max(GAP_MIN, Math.min(limit, gap));
+      };
+      gap = GAP_ROOMY; growGap(GAP_ROOMY);
+      card = CARD_MAX;
+      for (const [a, b] of rows) {
+        const c = cards(a, b);
+        if (c) card = Math.min(card, CARD_MIN + (avail - width(a, b, CARD_MIN, gap, multi)) / c);
+      }
+      card = Math.floor(Math.max(CARD_MIN, card));
+      gap = GAP_MAX; growGap(GAP_MAX);
+      gap = Math.floor(gap);
+    }
+    graph.style.setProperty("--card-w", `${card}px`);
+    graph.style.setProperty("--col-gap", `${gap}px`);
+    graph.style.setProperty("--gutter", `${rows.length > 1 ? GUTTER : 0}px`);
+    const key = rows.map(([a, b]) => `${a}-${b}`).join(",");
+    if (!state.layout || state.layout.key !== key || columns.children.length !== rows.length) {
+      columns.replaceChildren(...rows.map(([a, b], r) =>
+        el("div", { class: "row", "data-row": String(r) }, nodes.slice(a, b))));
+    }
+    inner.style.transform = scale < 1 ? `scale(${scale})` : "";
+    graph.classList.toggle("zoomed", scale < 1);
+    state.layout = { avail, key, rows, card, gap, scale };
   }
 
   function stageCard(stage) {
@@ -184,6 +283,35 @@
         el("span", { class: "errors-count", text: "0 errors" }),
       ]),
       el("div", { class: "instances" }),
+      // Past COMPACT_ABOVE instances: a summary, one cell per instance coloured by its
+      // depth, the stage's total depth over time, and the numbers of the selected cell.
+      el("div", { class: "cells-panel", hidden: "" }, [
+        el("div", { class: "cells-summary" }, [
+          el("div", { class: "tile" }, [el("b", { class: "n-instances" }), el("span", { text: "instances" })]),
+          el("div", { class: "tile", title: "total queue depth: frames dispatched to the stage, not yet acknowledged" },
+            [el("b", { class: "n-total" }), el("span", { text: "depth" })]),
+          el("div", { class: "tile", title: "the deepest queue of an instance" },
+            [el("b", { class: "n-max" }), el("span", { class: "n-max-of", text: "max" })]),
+        ]),
+        el("div", { class: "cells-meta" }, [
+          el("span", { class: "m-credits", title: "credits in use / credits, all instances" }),
+          el("span", { class: "m-backlog", title: "frames waiting in the runtime for a credit" }),
+          el("span", { class: "m-groups", title: "open aggregation groups" }),
+          el("span", { class: "m-states" }),
+        ]),
+        el("div", { class: "cells", role: "list", "aria-label": `${stage.name} instances` }),
+        el("div", { class: "cells-spark", title: "total queue depth of the stage" }, [
+          el("span", { class: "depth-label", text: "total" }),
+          el("canvas", { class: "spark" }),
+        ]),
+        el("div", { class: "cell-detail" }, [
+          el("span", { class: "cell-info" }),
+          el("button", {
+            type: "button", "data-action": "drain", title: "drain: finish pinned work, then stop",
+            text: "drain", onclick: (event) => drainInstance(Number(event.target.dataset.instance)),
+          }),
+        ]),
+      ]),
     ]);
   }
 
@@ -204,19 +332,64 @@
         ]),
         el("canvas", { class: "spark" }),
       ]),
-      el("div", { class: "inst-meta" }),
+      el("div", { class: "inst-meta" }, [
+        el("span", { class: "m-credits", title: "credits in use / credits" }),
+        el("span", { class: "m-backlog", title: "frames waiting in the runtime for a credit" }),
+        el("span", { class: "m-groups", title: "open aggregation groups pinned here" }),
+      ]),
       el("div", { class: "inst-error" }),
     ]);
   }
 
-  // An edge that skips a column would run straight behind the cards in between (and its
-  // labels would land inside them): such an edge leaves its source low, runs in a lane
-  // under the lowest card of the columns it skips, and rises to its target. Lanes that
-  // share a stretch are stacked, and the graph grows at the bottom to make room for them.
-  const LANE_GAP = 24;            // from the bottom of the cards skipped to the lane
+  function cellFor(inst) {
+    return el("div", {
+      class: "cell", role: "listitem", tabindex: "0", "data-instance": String(inst.id), "data-stage": inst.stage,
+      onclick: () => selectInstance(inst.id),
+      onkeydown: (event) => { if (event.key === "Enter" || event.key === " ") selectInstance(inst.id); },
+    });
+  }
+
+  function selectInstance(id) {
+    state.selected = state.selected === id ? null : id;
+    if (state.stats) updateInstances(state.stats);
+  }
+
+  // -- arrows ----------------------------------------------------------------------
+
+  // An arrow between neighbouring columns of a row is a plain curve. One that skips
+  // columns of its row would run behind the cards in between (and its labels would land
+  // inside them): it leaves its source low, runs in a lane under the lowest card it
+  // skips, and rises to its target. One that goes on to a later row runs through the
+  // band under its row: out of the source's bottom (or, from a row's last column, out
+  // of its side into the right gutter), along a lane of the band, down the left gutter
+  // past rows it skips, and into the target's top (or, into a row's first column, its
+  // left side). Lanes that share a stretch of a band are stacked, and each row grows at
+  // the bottom to make room for its band.
+  const LANE_GAP = 24;            // from the bottom of the cards passed to a lane
   const LANE_STEP = 34;           // between stacked lanes (room for both labels)
   const LABEL_ROOM = 22;          // below a lane: the routing label
-  const PAD_BOTTOM = 8;           // .columns' own padding at the bottom
+  const PAD_BOTTOM = 8;           // a row's own padding at the bottom
+  const ROW_SPACE = 20;           // at least this much between two rows
+  const LABEL_FONT = 11;          // px, as .edges text in style.css
+  const LABEL_FONT_MIN = 9.5;     // a label shrinks to this to fit between two cards
+  const PARALLEL = 8;             // between arrows that share a bottom, a top or a gap
+  const PARALLEL_GUTTER = 5;      // ... or a gutter (GUTTER wide)
+
+  // The k-th of several parallel arrows: 0, -1, +1, -2, +2 ... steps from the middle.
+  const spread = (k, step) => step * (k % 2 ? -(k + 1) / 2 : k / 2);
+
+  let measureCtx = null;
+  function textWidth(text, size, bold) {
+    measureCtx = measureCtx || document.createElement("canvas").getContext("2d");
+    measureCtx.font = `${bold ? "600 " : ""}${size}px ${getComputedStyle(document.body).fontFamily}`;
+    return measureCtx.measureText(text).width;
+  }
+
+  // The largest font size (LABEL_FONT_MIN..LABEL_FONT) at which `text` fits in `room`.
+  function fitFont(text, room, bold) {
+    const size = LABEL_FONT * room / textWidth(text, LABEL_FONT, bold);
+    return size >= LABEL_FONT_MIN ? Math.min(LABEL_FONT, Math.floor(size * 2) / 2) : null;
+  }
 
   function sampleCubic(p0, p1, p2, p3, n) {
     const points = [];
@@ -233,55 +406,117 @@
       point[1] > rect.top - margin && point[1] < rect.bottom + margin;
   }
 
-  function drawEdges() {
-    const graph = $("graph");
-    const svg = $("edges");
-    const columns = $("columns");
-    const box = graph.getBoundingClientRect();
-    const ns = "http://www.w3.org/2000/svg";
-    const parts = [];
-    const defs = document.createElementNS(ns, "defs");
-    defs.innerHTML = '<marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" ' +
-      'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#9aa3b8"/></marker>';
-    parts.push(defs);
-    const node = (name) => document.querySelector(`[data-stage="${CSS.escape(name)}"].stage`) ||
-      document.querySelector(`[data-node="${CSS.escape(name)}"]`);
-    // Every card and endpoint in graph coordinates, with the index of its column.
-    const columnList = [...columns.children];
+  // An orthogonal polyline with rounded corners.
+  function roundedPath(points, radius) {
+    const pts = points.filter((p, i) => i === 0 || p[0] !== points[i - 1][0] || p[1] !== points[i - 1][1]);
+    let d = `M${pts[0][0]},${pts[0][1]}`;
+    for (let i = 1; i < pts.length - 1; i++) {
+      const [px, py] = pts[i - 1], [x, y] = pts[i], [nx, ny] = pts[i + 1];
+      const r = Math.min(radius, Math.hypot(x - px, y - py) / 2, Math.hypot(nx - x, ny - y) / 2);
+      const ax = x - Math.sign(x - px) * r, ay = y - Math.sign(y - py) * r;
+      const bx = x + Math.sign(nx - x) * r, by = y + Math.sign(ny - y) * r;
+      d += ` L${ax},${ay} Q${x},${y} ${bx},${by}`;
+    }
+    const last = pts[pts.length - 1];
+    return `${d} L${last[0]},${last[1]}`;
+  }
+
+  // Where every card, endpoint and row is, in the unscaled coordinates of #graph-inner.
+  function measure() {
+    const inner = $("graph-inner");
+    const scale = state.layout ? state.layout.scale : 1;
+    const box = inner.getBoundingClientRect();
     const place = (elem) => {
       const r = elem.getBoundingClientRect();
-      const left = r.left - box.left + graph.scrollLeft, top = r.top - box.top;
-      return { left, top, right: left + r.width, bottom: top + r.height, height: r.height,
-        column: columnList.indexOf(elem.closest(".column")), endpoint: elem.classList.contains("endpoint") };
+      const left = (r.left - box.left) / scale, top = (r.top - box.top) / scale;
+      const width = r.width / scale, height = r.height / scale;
+      return { left, top, right: left + width, bottom: top + height, width, height };
     };
+    const rowNodes = [...$("columns").children];
+    const rows = rowNodes.map((row) => {
+      const r = place(row);
+      const pad = parseFloat(getComputedStyle(row).paddingBottom) || 0;
+      return { ...r, node: row, contentBottom: r.bottom - pad, cardsBottom: r.top, firstCol: Infinity, lastCol: -1 };
+    });
     const boxes = new Map();
-    for (const elem of columns.querySelectorAll(".stage, .endpoint")) boxes.set(elem, place(elem));
-    let cardsBottom = 0;
-    for (const b of boxes.values()) cardsBottom = Math.max(cardsBottom, b.bottom);
-    const lanes = [];             // [left, right, y] of the lanes drawn so far
-    let needed = 0;               // the lowest point a lane and its labels reach
+    for (const elem of $("columns").querySelectorAll(".stage, .endpoint")) {
+      const col = elem.closest(".column");
+      const b = { ...place(elem), elem, column: Number(col.dataset.col),
+        row: rowNodes.indexOf(col.closest(".row")), endpoint: elem.classList.contains("endpoint") };
+      boxes.set(elem, b);
+      const row = rows[b.row];
+      row.cardsBottom = Math.max(row.cardsBottom, b.bottom);
+      row.firstCol = Math.min(row.firstCol, b.column);
+      row.lastCol = Math.max(row.lastCol, b.column);
+    }
+    // The svg covers the rows (centred in #graph-inner), and no more: it must not make
+    // the graph wider than the rows.
+    const columns = $("columns");
+    return { rows, boxes, width: columns.offsetLeft + columns.offsetWidth,
+      height: columns.offsetTop + columns.offsetHeight };
+  }
 
-    const label = (x, y, text, cls) => {
-      const t = document.createElementNS(ns, "text");
-      t.setAttribute("x", x); t.setAttribute("y", y);
-      t.setAttribute("text-anchor", "middle");
-      if (cls) t.setAttribute("class", cls);
-      t.textContent = text;
-      parts.push(t);
+  function routeEdges(geo) {
+    const { rows, boxes } = geo;
+    const node = (name) => document.querySelector(`[data-stage="${CSS.escape(name)}"].stage`) ||
+      document.querySelector(`[data-node="${CSS.escape(name)}"]`);
+    const bands = rows.map(() => []);         // per row: the lanes under it, [left, right, y]
+    const needed = rows.map(() => 0);         // per row: the lowest point its band reaches
+    const shared = new Map();                 // how many arrows already use a gutter, bottom, top
+    const taken = [];                         // label boxes placed so far
+    const paths = [];
+    const labels = [];
+    const nextSlot = (key) => { const k = shared.get(key) || 0; shared.set(key, k + 1); return k; };
+    const lane = (r, left, right, y0, routing) => {
+      let y = y0;
+      for (let moved = true; moved;) {
+        moved = false;
+        for (const [l, rr, ly] of bands[r]) {
+          if (l < right && rr > left && Math.abs(ly - y) < LANE_STEP) { y = ly + LANE_STEP; moved = true; }
+        }
+      }
+      bands[r].push([left, right, y]);
+      needed[r] = Math.max(needed[r], y + (routing !== null ? LABEL_ROOM : 14));
+      return y;
+    };
+    const addLabel = (x, y, text, cls, size) => {
+      const w = textWidth(text, size, cls === "queue");
+      labels.push({ x, y, text, cls, size });
+      taken.push({ left: x - w / 2, right: x + w / 2, top: y - size, bottom: y + 2 });
+    };
+    const overlaps = (list, r) => list.some((t) => t.left < r.right && t.right > r.left && t.top < r.bottom && t.bottom > r.top);
+    // Both labels of a lane, at the first place along it where they overlap nothing; if
+    // every place overlaps another label, in the middle (never on a card).
+    const laneLabels = (left, right, y, queue, routing) => {
+      const wq = textWidth(queue, LABEL_FONT, true), wr = routing === null ? 0 : textWidth(routing, LABEL_FONT, false);
+      const half = Math.max(wq, wr) / 2 + 4;
+      if (right - left < 2 * half) return;
+      const cards = [...boxes.values()];
+      const at = (f) => {
+        const x = Math.min(right - half, Math.max(left + half, left + (right - left) * f));
+        return { x, left: x - half, right: x + half, top: y - 8 - LABEL_FONT, bottom: y + (routing === null ? 0 : 18) };
+      };
+      const place = [0.5, 0.3, 0.7, 0.15, 0.85, 0.05, 0.95].map(at).find((b) => !overlaps(taken, b) && !overlaps(cards, b)) ||
+        [at(0.5)].find((b) => !overlaps(cards, b));
+      if (!place) return;
+      addLabel(place.x, y - 8, queue, "queue", LABEL_FONT);
+      if (routing !== null) addLabel(place.x, y + 16, routing, null, LABEL_FONT);
     };
 
+    const cross = [];
     for (const edge of state.pipeline.edges) {
       const a = node(edge.from), b = node(edge.to);
-      if (!a || !b) continue;
+      if (!a || !b || !boxes.has(a) || !boxes.has(b)) continue;
       const ra = boxes.get(a), rb = boxes.get(b);
       const routing = edge.to === "sink" ? null : edge.routing +
         (edge.aggregate_level !== null && edge.aggregate_level !== undefined ? " @" + edge.aggregate_level : "");
+      const id = `${edge.from}->${edge.to}`;
+      if (rb.row > ra.row) { cross.push([edge, ra, rb, routing, id]); continue; }
       let x1 = ra.right, y1 = ra.top + ra.height / 2;
       let x2 = rb.left - 2, y2 = rb.top + rb.height / 2;
       // The cards of the columns between the two ends, if the edge skips any.
-      const between = [...boxes.entries()]
-        .filter(([elem, r]) => elem !== a && elem !== b && r.column > ra.column && r.column < rb.column)
-        .map(([, r]) => r);
+      const between = [...boxes.values()]
+        .filter((r) => r !== ra && r !== rb && r.row === ra.row && r.column > ra.column && r.column < rb.column);
       const dx = Math.max(30, (x2 - x1) / 2);
       const curve = [[x1, y1], [x1 + dx, y1], [x2 - dx, y2], [x2, y2]];
       const [mx, my] = [(x1 + x2) / 2, (y1 + y2) / 2];
@@ -289,45 +524,130 @@
       const blocked = between.some((r) =>
         sampleCubic(...curve, 32).some((p) => inside(p, r, 6)) ||
         inside([mx, my], r, 24));
-      const path = document.createElementNS(ns, "path");
-      path.setAttribute("marker-end", "url(#arrow)");
-      path.setAttribute("data-edge", `${edge.from}->${edge.to}`);
       if (!blocked) {
-        path.setAttribute("d", `M${x1},${y1} C${curve[1]} ${curve[2]} ${x2},${y2}`);
-        parts.push(path);
-        label(mx, my - 8, edge.queue, "queue");
-        if (routing !== null) label(mx, my + 16, routing);
+        paths.push({ id, d: `M${x1},${y1} C${curve[1]} ${curve[2]} ${x2},${y2}` });
+        // Between two close cards the labels shrink a little, or the routing label (also
+        // on the target's card, as its first badge) is left out.
+        const room = x2 - x1 - 6;
+        const qs = fitFont(edge.queue, room, true);
+        if (qs !== null) addLabel(mx, my - 8, edge.queue, "queue", qs);
+        const rs = routing === null ? null : fitFont(routing, room, false);
+        if (rs !== null) addLabel(mx, my + 16, routing, null, rs);
         continue;
       }
       const left = Math.min(...between.map((r) => r.left));
       const right = Math.max(...between.map((r) => r.right));
-      let lane = Math.max(...between.map((r) => r.bottom)) + LANE_GAP;
-      for (let moved = true; moved;) {
-        moved = false;
-        for (const [l, r, y] of lanes) {
-          if (l < right && r > left && Math.abs(y - lane) < LANE_STEP) { lane = y + LANE_STEP; moved = true; }
-        }
-      }
-      lanes.push([left, right, lane]);
-      needed = Math.max(needed, lane + (routing !== null ? LABEL_ROOM : 8));
+      const y = lane(ra.row, left, right, Math.max(...between.map((r) => r.bottom)) + LANE_GAP, routing);
       // Leave and enter a card low, clear of the labels of its straight edges.
       if (!ra.endpoint) y1 = Math.min(ra.bottom - 6, Math.max(y1 + 28, ra.bottom - 14));
       if (!rb.endpoint) y2 = Math.min(rb.bottom - 6, Math.max(y2 + 28, rb.bottom - 14));
       const c1 = (left - x1) / 2, c2 = (x2 - right) / 2;
-      path.setAttribute("d", `M${x1},${y1} C${x1 + c1},${y1} ${left - c1},${lane} ${left},${lane} ` +
-        `L${right},${lane} C${right + c2},${lane} ${x2 - c2},${y2} ${x2},${y2}`);
-      parts.push(path);
-      const lx = (left + right) / 2;
-      label(lx, lane - 8, edge.queue, "queue");
-      if (routing !== null) label(lx, lane + 16, routing);
+      paths.push({ id, d: `M${x1},${y1} C${x1 + c1},${y1} ${left - c1},${y} ${left},${y} ` +
+        `L${right},${y} C${right + c2},${y} ${x2 - c2},${y2} ${x2},${y2}`, lane: [left, right, y, edge.queue, routing] });
     }
-    // Room under the cards for the lanes: padding at the bottom moves no card (the
-    // columns are centred in the content box, which the tallest column sets).
-    const extra = Math.ceil(needed - cardsBottom);
-    columns.style.paddingBottom = extra > PAD_BOTTOM ? `${extra}px` : "";
-    svg.setAttribute("width", columns.scrollWidth);
-    svg.setAttribute("height", columns.scrollHeight);
+
+    // Arrows to later rows, after the others: their lanes stack under the in-row ones.
+    for (const [edge, ra, rb, routing, id] of cross) {
+      const rs = rows[ra.row], rt = rows[rb.row];
+      const gutterLeft = rt.left + GUTTER / 2;
+      const column = (r) => [...boxes.values()].filter((o) => o !== r && o.column === r.column);
+      const points = [];
+      // Out of the source: sideways from a row's last column (or a card with another
+      // under it), else out of its bottom.
+      let exitX;
+      if (ra.column === rs.lastCol || column(ra).some((o) => o.top >= ra.bottom)) {
+        const next = [...boxes.values()].filter((o) => o.row === ra.row && o.column === ra.column + 1);
+        const k = nextSlot(`side:${ra.row}:${ra.column}`);
+        exitX = next.length ? (ra.right + Math.min(...next.map((o) => o.left))) / 2 + spread(k, PARALLEL)
+          : rs.right - GUTTER / 2 + spread(k, PARALLEL_GUTTER);
+        const y1 = next.length ? Math.min(ra.bottom - 6, ra.top + ra.height / 2 + 28) : ra.top + ra.height / 2;
+        points.push([ra.right, y1], [exitX, y1]);
+      } else {
+        exitX = ra.left + ra.width / 2 + spread(nextSlot(`bottom:${edge.from}`), PARALLEL);
+        points.push([exitX, ra.bottom]);
+      }
+      // Into the target: into a row's first column (or a card with another above it)
+      // from the left, else from above.
+      const fromLeft = rb.column === rt.firstCol || column(rb).some((o) => o.bottom <= rb.top);
+      let entryX, last;
+      if (fromLeft) {
+        const prev = [...boxes.values()].filter((o) => o.row === rb.row && o.column === rb.column - 1);
+        const k = nextSlot(`left:${rb.row}:${rb.column}`);
+        entryX = prev.length ? (Math.max(...prev.map((o) => o.right)) + rb.left) / 2 + spread(k, PARALLEL)
+          : gutterLeft + spread(k, PARALLEL_GUTTER);
+        const y2 = prev.length && !rb.endpoint ? rb.top + 16 : rb.top + rb.height / 2;
+        last = [[entryX, y2], [rb.left - 2, y2]];
+      } else {
+        entryX = rb.left + rb.width / 2 + spread(nextSlot(`top:${edge.to}`), PARALLEL);
+        last = [[entryX, rb.top - 2]];
+      }
+      // The band under the source's row; past rows in between, down the left gutter.
+      const direct = rb.row === ra.row + 1 || (fromLeft && rb.column === rt.firstCol);
+      const turnX = direct ? entryX : gutterLeft + spread(nextSlot("gutter"), PARALLEL_GUTTER);
+      const [l1, r1] = [Math.min(exitX, turnX), Math.max(exitX, turnX)];
+      const y = lane(ra.row, l1, r1, rs.cardsBottom + LANE_GAP, routing);
+      points.push([exitX, y], [turnX, y]);
+      let labelLane = [l1, r1, y];
+      if (!direct) {
+        const [l2, r2] = [Math.min(turnX, entryX), Math.max(turnX, entryX)];
+        const y2 = lane(rb.row - 1, l2, r2, rows[rb.row - 1].cardsBottom + LANE_GAP, routing);
+        points.push([turnX, y2], [entryX, y2]);
+        if (r2 - l2 > r1 - l1) labelLane = [l2, r2, y2];
+      }
+      points.push(...last);
+      paths.push({ id, d: roundedPath(points, 12), lane: [...labelLane, edge.queue, routing] });
+    }
+    for (const p of paths) if (p.lane) laneLabels(...p.lane);
+    // The padding under each row that makes room for its band.
+    const padding = rows.map((row, r) => {
+      const floor = r < rows.length - 1 ? ROW_SPACE : PAD_BOTTOM;
+      return Math.max(floor, Math.ceil(needed[r] - row.contentBottom));
+    });
+    return { paths, labels, padding };
+  }
+
+  function drawEdges() {
+    if (!state.pipeline || !state.layout) return;
+    let geo = measure();
+    let plan = routeEdges(geo);
+    // Room for the bands moves the rows below: measure again and route once more (the
+    // bands depend only on where the cards are within their row, so this settles).
+    let moved = false;
+    geo.rows.forEach((row, r) => {
+      const value = `${plan.padding[r]}px`;
+      if (row.node.style.paddingBottom !== value) { row.node.style.paddingBottom = value; moved = true; }
+    });
+    if (moved) { geo = measure(); plan = routeEdges(geo); }
+
+    const ns = "http://www.w3.org/2000/svg";
+    const parts = [];
+    const defs = document.createElementNS(ns, "defs");
+    defs.innerHTML = '<marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" ' +
+      'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#9aa3b8"/></marker>';
+    parts.push(defs);
+    for (const p of plan.paths) {
+      const path = document.createElementNS(ns, "path");
+      path.setAttribute("marker-end", "url(#arrow)");
+      path.setAttribute("data-edge", p.id);
+      path.setAttribute("d", p.d);
+      parts.push(path);
+    }
+    for (const l of plan.labels) {
+      const t = document.createElementNS(ns, "text");
+      t.setAttribute("x", l.x); t.setAttribute("y", l.y);
+      t.setAttribute("text-anchor", "middle");
+      if (l.cls) t.setAttribute("class", l.cls);
+      if (l.size !== LABEL_FONT) t.style.fontSize = `${l.size}px`;
+      t.textContent = l.text;
+      parts.push(t);
+    }
+    const svg = $("edges");
+    svg.setAttribute("width", geo.width);
+    svg.setAttribute("height", geo.height);
     svg.replaceChildren(...parts);
+    const graph = $("graph");
+    const scale = state.layout.scale;
+    graph.style.height = scale < 1 ? `${Math.ceil(geo.height * scale)}px` : "";
   }
 
   // -- live updates ----------------------------------------------------------------
@@ -408,6 +728,97 @@
     }
   }
 
+  // The colour of a cell: a blue ramp over powers of two of the depth, then the credits'
+  // colours (as the depth numbers of full cards use them): half the credits, all of them.
+  function depthLevel(depth, credits) {
+    if (depth >= credits) return "high";
+    if (depth > 0 && depth * 2 >= credits) return "mid";
+    return depth <= 0 ? "0" : depth === 1 ? "1" : depth < 4 ? "2" : depth < 8 ? "3" : "4";
+  }
+
+  function instanceNumbers(inst) {
+    return `credits ${inst.credits_in_use ?? 0}/${inst.credits} · backlog ${inst.backlog} · groups ${inst.open_groups}`;
+  }
+
+  function updateRows(card, instances, now) {
+    const list = card.querySelector(".instances");
+    const ids = instances.map((i) => String(i.id));
+    for (const node of [...list.children]) {
+      if (!ids.includes(node.dataset.instance)) node.remove();
+    }
+    instances.forEach((inst, index) => {
+      let node = list.querySelector(`.instance[data-instance="${inst.id}"]`);
+      if (!node) node = instanceCard(inst);
+      if (list.children[index] !== node) list.insertBefore(node, list.children[index] || null);
+      node.dataset.state = inst.state;
+      const depth = node.querySelector(".depth");
+      depth.textContent = String(inst.queue_depth);
+      depth.dataset.level = inst.queue_depth >= inst.credits ? "high"
+        : inst.queue_depth * 2 >= inst.credits && inst.queue_depth > 0 ? "mid" : "low";
+      node.querySelector(".inst-state").textContent = inst.state;
+      node.querySelector(".m-credits").textContent = `credits ${inst.credits_in_use ?? 0}/${inst.credits}`;
+      node.querySelector(".m-backlog").textContent = `backlog ${inst.backlog}`;
+      node.querySelector(".m-groups").textContent = `groups ${inst.open_groups}`;
+      node.querySelector(".inst-error").textContent = inst.last_error || "";
+      node.querySelector("button[data-action=drain]").disabled = inst.state !== "ready";
+      const history = state.depthHistory.get(inst.id) || [];
+      sparkline(node.querySelector(".spark"), history, now, inst.credits);
+    });
+  }
+
+  function updateCells(card, stage, instances, now) {
+    const grid = card.querySelector(".cells");
+    const ids = instances.map((i) => String(i.id));
+    for (const node of [...grid.children]) {
+      if (!ids.includes(node.dataset.instance)) node.remove();
+    }
+    let total = 0, credits = 0, inUse = 0, backlog = 0, groups = 0, max = null;
+    const states = new Map();
+    instances.forEach((inst, index) => {
+      let cell = grid.querySelector(`.cell[data-instance="${inst.id}"]`);
+      if (!cell) cell = cellFor(inst);
+      if (grid.children[index] !== cell) grid.insertBefore(cell, grid.children[index] || null);
+      cell.textContent = String(inst.queue_depth);
+      cell.dataset.depth = String(inst.queue_depth);
+      cell.dataset.level = depthLevel(inst.queue_depth, inst.credits);
+      cell.dataset.state = inst.state;
+      cell.classList.toggle("selected", state.selected === inst.id);
+      cell.title = `#${inst.id} ${inst.state} · depth ${inst.queue_depth} · ${instanceNumbers(inst)}` +
+        (inst.last_error ? `\n${inst.last_error}` : "");
+      total += inst.queue_depth;
+      credits += inst.credits;
+      inUse += inst.credits_in_use ?? 0;
+      backlog += inst.backlog;
+      groups += inst.open_groups;
+      if (!max || inst.queue_depth > max.queue_depth) max = inst;
+      states.set(inst.state, (states.get(inst.state) || 0) + 1);
+    });
+    card.querySelector(".n-instances").textContent = String(instances.length);
+    card.querySelector(".n-total").textContent = String(total);
+    card.querySelector(".n-max").textContent = max ? String(max.queue_depth) : "–";
+    card.querySelector(".n-max-of").textContent = max && max.queue_depth ? `max #${max.id}` : "max";
+    const notReady = [...states].filter(([s]) => s !== "ready").map(([s, n]) => `${n} ${s}`);
+    const meta = card.querySelector(".cells-meta");
+    meta.querySelector(".m-credits").textContent = `credits ${inUse}/${credits}`;
+    meta.querySelector(".m-backlog").textContent = `backlog ${backlog}`;
+    meta.querySelector(".m-groups").textContent = `groups ${groups}`;
+    meta.querySelector(".m-states").textContent = notReady.join(" · ");
+    sparkline(card.querySelector(".cells-spark canvas"), state.stageDepth.get(stage.name) || [], now,
+      credits || null);
+    // The selected cell's numbers, and its drain button.
+    const selected = instances.find((i) => i.id === state.selected);
+    const detail = card.querySelector(".cell-detail");
+    const drain = detail.querySelector("button[data-action=drain]");
+    detail.classList.toggle("empty", !selected);
+    detail.querySelector(".cell-info").textContent = selected
+      ? `#${selected.id} ${selected.state} · depth ${selected.queue_depth} · ${instanceNumbers(selected)}` +
+        (selected.last_error ? ` · ${selected.last_error}` : "")
+      : "click a cell for its numbers";
+    drain.hidden = !selected;
+    drain.disabled = !selected || selected.state !== "ready";
+    drain.dataset.instance = selected ? String(selected.id) : "";
+  }
+
   function updateInstances(stats) {
     const live = stats.instances.filter((i) => i.state !== "stopped");
     const byStage = new Map();
@@ -419,30 +830,21 @@
     for (const stage of stats.stages) {
       const card = document.querySelector(`.stage[data-stage="${CSS.escape(stage.name)}"]`);
       if (!card) continue;
-      const list = card.querySelector(".instances");
       const instances = (byStage.get(stage.name) || []).sort((a, b) => a.id - b.id);
-      const ids = instances.map((i) => String(i.id));
-      layoutKey += stage.name + ":" + ids.join(",") + ";";
-      for (const node of [...list.children]) {
-        if (!ids.includes(node.dataset.instance)) node.remove();
+      layoutKey += stage.name + ":" + instances.map((i) => i.id).join(",") + ";";
+      // Up to COMPACT_ABOVE instances, a card each with its sparkline; past that, a cell
+      // each, so that a stage of 20 instances stays as tall as one of 4.
+      const compact = instances.length > COMPACT_ABOVE;
+      card.classList.toggle("compact", compact);
+      card.querySelector(".instances").hidden = compact;
+      card.querySelector(".cells-panel").hidden = !compact;
+      if (compact) {
+        card.querySelector(".instances").replaceChildren();
+        updateCells(card, stage, instances, stats.time);
+      } else {
+        card.querySelector(".cells").replaceChildren();
+        updateRows(card, instances, stats.time);
       }
-      instances.forEach((inst, index) => {
-        let node = list.querySelector(`.instance[data-instance="${inst.id}"]`);
-        if (!node) node = instanceCard(inst);
-        if (list.children[index] !== node) list.insertBefore(node, list.children[index] || null);
-        node.dataset.state = inst.state;
-        const depth = node.querySelector(".depth");
-        depth.textContent = String(inst.queue_depth);
-        depth.dataset.level = inst.queue_depth >= inst.credits ? "high"
-          : inst.queue_depth * 2 >= inst.credits && inst.queue_depth > 0 ? "mid" : "low";
-        node.querySelector(".inst-state").textContent = inst.state;
-        node.querySelector(".inst-meta").textContent =
-          `credits ${inst.credits_in_use ?? 0}/${inst.credits} · backlog ${inst.backlog} · groups ${inst.open_groups}`;
-        node.querySelector(".inst-error").textContent = inst.last_error || "";
-        node.querySelector("button[data-action=drain]").disabled = inst.state !== "ready";
-        const history = state.depthHistory.get(inst.id) || [];
-        sparkline(node.querySelector(".spark"), history, stats.time, inst.credits);
-      });
       const ready = instances.filter((i) => i.state === "ready").length;
       card.querySelector(".count").textContent = `${ready} / ${stage.target_instances}`;
       card.querySelector("[data-action=scale-down]").disabled = stage.target_instances <= 1;
@@ -484,6 +886,14 @@
       history.push([now, inst.queue_depth]);
       trim(history, now);
       state.depthHistory.set(inst.id, history);
+    }
+    for (const stage of stats.stages) {
+      const total = stats.instances.filter((i) => i.stage === stage.name && i.state !== "stopped")
+        .reduce((sum, i) => sum + i.queue_depth, 0);
+      const history = state.stageDepth.get(stage.name) || [];
+      history.push([now, total]);
+      trim(history, now);
+      state.stageDepth.set(stage.name, history);
     }
     state.rateHistory.push([now, stats.rates.requests_per_s]);
     trim(state.rateHistory, now);
@@ -539,6 +949,14 @@
     source.addEventListener("stats", (event) => onStats(JSON.parse(event.data)));
   }
 
-  window.addEventListener("resize", () => { if (state.pipeline) drawEdges(); });
+  // A new width (the window's, or a scrollbar's coming and going) lays the graph out
+  // anew; a new height is the graph's own doing (drawEdges already ran).
+  const relayout = () => {
+    if (!state.pipeline || (state.layout && state.layout.avail === $("graph").clientWidth)) return;
+    layoutGraph();
+    drawEdges();
+  };
+  if (window.ResizeObserver) new ResizeObserver(relayout).observe($("graph"));
+  window.addEventListener("resize", relayout);
   loadPipeline().then(connect);
 })();

@@ -15,7 +15,9 @@ more than ``max_inflight`` requests) makes ``submit`` raise OverloadedError at o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,6 +281,177 @@ class FakeRuntime:
             yield RequestEvent("done", request_id, time=trio.current_time())
         finally:
             summer.open_groups -= 1
+            self.in_flight -= 1
+            self.closed_requests += 1
+            if outcome == "completed":
+                self.completed += 1
+            else:
+                self.failed += 1
+            self._reap()
+
+
+# -- the FacTool graph ---------------------------------------------------------------------
+
+# The six stages of configs/factool.toml, with the schedulers and aggregation levels the
+# real pipeline declares, and the paper's deployment (configs/factool.deploy.toml).
+FACTOOL_EDGES = (
+    ("ingress", "questions", "qa"),
+    ("qa", "answers", "claims"),
+    ("qa", "answer_out", "sink"),
+    ("claims", "claims", "queries"),
+    ("claims", "claims_out", "sink"),
+    ("queries", "query_tokens", "bm25"),
+    ("bm25", "candidates", "encoder"),
+    ("encoder", "encoded", "rerank"),
+    ("rerank", "evidence", "sink"),
+)
+FACTOOL_DEPLOYMENT = {"qa": 2, "claims": 2, "queries": 3, "bm25": 4, "encoder": 1, "rerank": 4}
+
+
+class FacToolFakeRuntime(FakeRuntime):
+    """The FacTool graph (``qa -> claims -> queries -> bm25 -> encoder -> rerank``) in memory.
+
+    ``instances`` overrides the paper's deployment per stage (e.g. ``{"queries": 20}``).
+    A request is a Struct ``{"id": "q1", "question": "..."}``; it fans out into ``claims``
+    claims of ``queries`` search queries each. Every fan-out is dispatched at once (the
+    children raise the depth of their instances together, for ``step_delay`` seconds), so
+    concurrent requests spread depth over many instances. Results are StringValues on
+    ``answer_out``, ``claims_out`` and ``evidence``. ``jitter`` varies each step's time by
+    up to that fraction of ``step_delay`` (seeded), so that requests fall out of step.
+    """
+
+    def __init__(
+        self,
+        *,
+        instances: dict[str, int] | None = None,
+        step_delay: float = 0.0,
+        max_inflight: int = 512,
+        credits: int = 64,
+        claims: int = 3,
+        queries: int = 2,
+        jitter: float = 0.0,
+    ) -> None:
+        super().__init__(
+            pipeline="factool", step_delay=step_delay, max_inflight=max_inflight, credits=credits
+        )
+        counts = {**FACTOOL_DEPLOYMENT, **(instances or {})}
+        unknown = set(counts) - set(FACTOOL_DEPLOYMENT)
+        if unknown:
+            raise ValueError(f"unknown FacTool stages {sorted(unknown)}; allowed: {list(counts)}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), not {jitter!r}")
+        self.claims, self.queries, self.jitter = claims, queries, jitter
+        self._rng = random.Random(0)
+        self._ids = itertools.count(1)
+        self.instances = {}
+        self.stages = {
+            s.name: s
+            for s in (
+                _Stage("qa", "prompt-sticky", ("questions",), ("answers", "answer_out")),
+                _Stage(
+                    "claims", "prompt-sticky", ("answers",), ("claims", "claims_out"), fanout=True
+                ),
+                _Stage("queries", "prompt-sticky", ("claims",), ("query_tokens",), fanout=True),
+                _Stage(
+                    "bm25",
+                    "consistent-hash",
+                    ("query_tokens",),
+                    ("candidates",),
+                    stateful=True,
+                    aggregate_level=3,
+                ),
+                _Stage("encoder", "least-outstanding", ("candidates",), ("encoded",)),
+                _Stage("rerank", "least-outstanding", ("encoded",), ("evidence",)),
+            )
+        }
+        for stage in self.stages.values():
+            stage.target = counts[stage.name]
+            for _ in range(stage.target):
+                self._add_instance(stage)
+
+    def statistics(self) -> RuntimeStatistics:
+        stats = super().statistics()
+        # Credits in use as the runtime counts them: what is queued, up to the credits.
+        instances = tuple(
+            dataclasses.replace(i, credits_in_use=min(i.queue_depth, i.credits))
+            for i in stats.instances
+        )
+        return dataclasses.replace(stats, edges=FACTOOL_EDGES, instances=instances)
+
+    def queue_type(self, queue: str) -> Any:
+        if queue not in {q for _, q, _ in FACTOOL_EDGES}:
+            raise KeyError(queue)
+        return struct_pb2.Struct if queue == "questions" else wrappers_pb2.StringValue
+
+    def _pick(self, stage: _Stage, request_id: int) -> _Instance:
+        if stage.scheduler in ("prompt-sticky", "consistent-hash"):  # by key, spread evenly
+            ready = [
+                self.instances[i]
+                for i in stage.instances
+                if self.instances[i].state is InstanceState.READY
+            ]
+            return ready[request_id % len(ready)]
+        return super()._pick(stage, request_id)
+
+    async def _work_batch(self, stage: _Stage, keys: list[int]) -> None:
+        """One frame per key at once (a fan-out), processed together. Each frame is
+        dispatched before the next is routed, so least-outstanding spreads them."""
+        picks = []
+        for key in keys:
+            inst = self._pick(stage, key)
+            inst.depth += 1
+            inst.frames_out += 1
+            inst.open_groups += stage.stateful  # a group per key while it is worked on
+            picks.append(inst)
+        self.frames_relayed += len(picks)
+        try:
+            spread = self.step_delay * self.jitter
+            await trio.sleep(self.step_delay + self._rng.uniform(-spread, spread))
+        finally:
+            for inst in picks:
+                inst.depth -= 1
+                inst.open_groups -= stage.stateful
+        for inst in picks:
+            inst.frames_in += 1
+        self.frames_relayed += len(picks)
+        stage.frames_processed += len(picks)
+
+    def _result(
+        self, request_id: int, queue: str, key_path: tuple[int, ...], text: str
+    ) -> RequestEvent:
+        return RequestEvent(
+            "result",
+            request_id,
+            queue=queue,
+            key_path=key_path,
+            payload=wrappers_pb2.StringValue(value=text).SerializeToString(),
+            time=trio.current_time(),
+        )
+
+    async def _run(
+        self, request_id: int, message: struct_pb2.Struct
+    ) -> AsyncIterator[RequestEvent]:
+        fields = dict(message.items())
+        question = str(fields.get("question", ""))
+        s = self.stages
+        outcome = "cancelled"
+        try:
+            yield RequestEvent("accepted", request_id, time=trio.current_time())
+            await self._work_batch(s["qa"], [request_id])
+            yield self._result(request_id, "answer_out", (request_id,), f"answer to {question}")
+            await self._work_batch(s["claims"], [request_id])
+            for claim in range(self.claims):
+                yield self._result(request_id, "claims_out", (request_id, claim), f"claim {claim}")
+            # every claim's queries at once, then every query's retrieval at once
+            await self._work_batch(s["queries"], [request_id * 31 + c for c in range(self.claims)])
+            paths = [(request_id, c, q) for c in range(self.claims) for q in range(self.queries)]
+            for stage in ("bm25", "encoder", "rerank"):
+                await self._work_batch(s[stage], [hash(p) for p in paths])
+            for path in paths:
+                yield self._result(request_id, "evidence", path, f"evidence for {path}")
+            outcome = "completed"
+            yield RequestEvent("done", request_id, time=trio.current_time())
+        finally:
             self.in_flight -= 1
             self.closed_requests += 1
             if outcome == "completed":
