@@ -538,3 +538,46 @@ def resolve(ref: str, *, what: str = "object") -> Any:
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot import {what} {ref!r}: {exc}") from exc
     return obj
+
+
+def check_imports(pipeline: PipelineConfig) -> None:
+    """Import what the pipeline names and build each stage's entry once, so that a typo
+    ends start-up with one line instead of crash-looping instances: every queue's message
+    type (a protobuf Message class), every stage's entry (an async function or a class
+    built from the stage's ``options``), and whatever an entry class checks in its
+    optional ``validate(options)`` hook (the FacTool LM stages check their engine name).
+
+    Raises ConfigError naming the file, the stage or queue, the reference and the cause.
+    """
+    from google.protobuf.message import Message
+
+    from ._errors import StageError
+    from ._stage import StageHandler
+
+    p = pipeline.path
+    for q in pipeline.queues.values():
+        try:
+            typ = resolve(q.type, what="message type")
+        except ValueError as exc:
+            raise ConfigError(p, f"queues.{q.name}.type", str(exc)) from exc
+        if not (isinstance(typ, type) and issubclass(typ, Message)):
+            raise ConfigError(
+                p, f"queues.{q.name}.type", f"{q.type!r} is not a protobuf Message class"
+            )
+    for st in pipeline.stages.values():
+        key = f"stages.{st.name}.entry"
+        try:
+            entry = resolve(st.entry, what="stage entry")
+        except ValueError as exc:
+            raise ConfigError(p, key, str(exc)) from exc
+        validate = getattr(entry, "validate", None)
+        try:
+            if callable(validate) and isinstance(entry, type):
+                validate(dict(st.options))
+            StageHandler(st.name, entry, dict(st.options), st.stateful)
+        except StageError as exc:
+            raise ConfigError(p, key, exc.message) from exc
+        except (TypeError, ValueError, LookupError) as exc:
+            raise ConfigError(
+                p, f"stages.{st.name}.options", f"{type(exc).__name__}: {exc}"
+            ) from exc

@@ -14,6 +14,8 @@ it from ``--token``/``ALTO_TOKEN`` or from the discovery file (mode 0600).
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import logging
 import os
@@ -29,7 +31,14 @@ from typing import Any
 
 import trio
 
-from ._config import DeploymentConfig, PipelineConfig, load_deployment, load_pipeline
+from ._artifacts import prepare_artifacts
+from ._config import (
+    DeploymentConfig,
+    PipelineConfig,
+    check_imports,
+    load_deployment,
+    load_pipeline,
+)
 from ._errors import ConfigError
 from .dataplane._launcher import LocalLauncher
 from .dataplane._runtime import Runtime
@@ -85,6 +94,42 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _listen_http(http: str) -> _socket.socket:
+    """The control plane's listening socket, bound before anything starts."""
+    host, port = parse_hostport(http, "--http")
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(exc, host, port, "--http") from exc
+    return sock
+
+
+async def bind_or_explain(sock: trio.socket.SocketType, host: str, port: int, flag: str) -> None:
+    """Bind ``sock``; an address in use or not available is a one-line ConfigError
+    naming the address and the flag that changes it."""
+    try:
+        await sock.bind((host, port))
+    except OSError as exc:
+        raise _bind_error(exc, host, port, flag) from exc
+
+
+def _bind_error(exc: OSError, host: str, port: int, flag: str) -> ConfigError:
+    if exc.errno == errno.EADDRINUSE:
+        why = "is already in use (another alto serve?)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = "is not an address of this machine"
+    else:
+        why = f"cannot be bound: {exc.strerror or exc}"
+    return ConfigError(
+        "<command line>", flag, f"{host}:{port} {why}; choose another with {flag} HOST:PORT"
+    )
+
+
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -111,6 +156,7 @@ async def serve(
     """
     pipeline = load_pipeline(pipeline_path)
     deployment = load_deployment(deploy_path, pipeline)
+    check_imports(pipeline)  # a typo in an entry ends start-up here, in one line
     user_token = token or os.environ.get("ALTO_TOKEN")
     for flag, addr in (("--tcp", tcp), ("--http", http)):
         if addr and not _is_loopback(parse_hostport(addr, flag)[0]) and not user_token:
@@ -178,77 +224,93 @@ async def _serve(
     disc: Path,
     task_status: trio.TaskStatus[ServeInfo],
 ) -> None:
-    listeners = []
-    unix = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    await unix.bind(sock_path)
-    os.chmod(sock_path, 0o600)
-    unix.listen(256)
-    listeners.append(unix)
-    tcp_address = None
-    if tcp:
-        host, port = parse_hostport(tcp, "--tcp")
-        family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
-        t = trio.socket.socket(family, _socket.SOCK_STREAM)
-        t.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-        await t.bind((host, port))
-        t.listen(256)
-        t.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        listeners.append(t)
-        tcp_address = f"{host}:{t.getsockname()[1]}"
-
-    async with trio.open_nursery() as nursery:
-        runtime = Runtime(pipeline, deployment, token=token)
-        launcher = LocalLauncher(
-            pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited
+    with contextlib.ExitStack() as stack:
+        # Bound first: a port in use ends start-up before anything is spawned. Closed on
+        # the way out, unless the control plane took it over (closing twice is harmless).
+        http_sock = stack.enter_context(_listen_http(http)) if http else None
+        # Shared artifacts (a model file, indexes) are built once here, before any instance
+        # starts and before the ready timeout runs; instances then only load them.
+        await trio.to_thread.run_sync(
+            functools.partial(prepare_artifacts, pipeline, log=log.info), abandon_on_cancel=True
         )
-        runtime.launcher = launcher
-        try:
-            await nursery.start(runtime.serve, listeners)
-            runtime.start_instances()
-            await runtime.wait_ready(ready_timeout)
-            http_url = None
-            if http:
-                from .control import serve_control
+        listeners = []
+        unix = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        await unix.bind(sock_path)
+        os.chmod(sock_path, 0o600)
+        unix.listen(256)
+        listeners.append(unix)
+        tcp_address = None
+        if tcp:
+            host, port = parse_hostport(tcp, "--tcp")
+            family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+            t = trio.socket.socket(family, _socket.SOCK_STREAM)
+            t.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            await bind_or_explain(t, host, port, "--tcp")
+            t.listen(256)
+            t.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            listeners.append(t)
+            tcp_address = f"{host}:{t.getsockname()[1]}"
 
-                host, port = parse_hostport(http, "--http")
-                bound = await nursery.start(
-                    lambda task_status: serve_control(
-                        runtime, host, port, token=user_token, task_status=task_status
-                    )
-                )
-                http_url = f"http://{host}:{bound}"
-            info = ServeInfo(pipeline.name, sock_path, tcp_address, http_url, token, runtime)
-            if write_discovery:
-                disc.parent.mkdir(parents=True, exist_ok=True)
-                tmp = disc.with_suffix(".tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    json.dump(
-                        {
-                            "pipeline": pipeline.name,
-                            "socket": sock_path,
-                            "tcp": tcp_address,
-                            "http": http_url,
-                            "token": token,
-                            "pid": os.getpid(),
-                        },
-                        f,
-                    )
-                os.replace(tmp, disc)
-            log.info(
-                "pipeline %r ready: socket %s%s%s",
-                pipeline.name,
-                sock_path,
-                f", tcp {tcp_address}" if tcp_address else "",
-                f", http {http_url}" if http_url else "",
+        async with trio.open_nursery() as nursery:
+            runtime = Runtime(pipeline, deployment, token=token)
+            launcher = LocalLauncher(
+                pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited
             )
-            if on_ready is not None:
-                on_ready(info)
-            task_status.started(info)
-            await trio.sleep_forever()
-        finally:
-            await runtime.supervisor.shutdown()
-            nursery.cancel_scope.cancel()
+            runtime.launcher = launcher
+            try:
+                await nursery.start(runtime.serve, listeners)
+                runtime.start_instances()
+                await runtime.wait_ready(ready_timeout)
+                http_url = None
+                if http:
+                    from .control import serve_control
+
+                    host, _ = parse_hostport(http, "--http")
+                    assert http_sock is not None
+                    port = http_sock.getsockname()[1]
+                    bound = await nursery.start(
+                        lambda task_status: serve_control(
+                            runtime,
+                            host,
+                            port,
+                            token=user_token,
+                            sock=http_sock,
+                            task_status=task_status,
+                        )
+                    )
+                    http_url = f"http://{host}:{bound}"
+                info = ServeInfo(pipeline.name, sock_path, tcp_address, http_url, token, runtime)
+                if write_discovery:
+                    disc.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = disc.with_suffix(".tmp")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(
+                            {
+                                "pipeline": pipeline.name,
+                                "socket": sock_path,
+                                "tcp": tcp_address,
+                                "http": http_url,
+                                "token": token,
+                                "pid": os.getpid(),
+                            },
+                            f,
+                        )
+                    os.replace(tmp, disc)
+                log.info(
+                    "pipeline %r ready: socket %s%s%s",
+                    pipeline.name,
+                    sock_path,
+                    f", tcp {tcp_address}" if tcp_address else "",
+                    f", http {http_url}" if http_url else "",
+                )
+                if on_ready is not None:
+                    on_ready(info)
+                task_status.started(info)
+                await trio.sleep_forever()
+            finally:
+                await runtime.supervisor.shutdown()
+                nursery.cancel_scope.cancel()
 
 
 async def _watch_signals(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

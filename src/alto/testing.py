@@ -28,6 +28,15 @@ mode puts a conftest-less test directory on ``sys.path``). Every stage runs unde
 here, whatever its ``backend``; stage code written on anyio, as the SDK is, does not
 notice.
 
+Two more helpers, for tests that need more than a pipeline in the test's process:
+
+* :func:`open_server` runs ``alto serve`` (real instance processes, real sockets) in the
+  test's nursery and yields its :class:`~alto.ServeInfo`; leaving the block stops it;
+* :class:`FakePeer` is a hand-played peer of a runtime (an instance or a client) over a
+  socketpair or a real socket: the test decides every byte, so malformed frames, bogus
+  acknowledgements and misbehaving consumers are exact. ``benchmarks/relay_bench.py``
+  plays its producer and consumers with it too.
+
 Errors: :func:`open_pipeline` raises ConfigError for a bad pipeline file or an
 ``instances`` entry naming no stage, StageError when a stage's entry cannot be built from
 its options. A stage that raises while processing fails only its request
@@ -36,12 +45,14 @@ its options. A stage that raises while processing fails only its request
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio.abc
 import trio
@@ -56,10 +67,15 @@ from ._config import (
     load_pipeline,
 )
 from ._errors import ConfigError
+from ._serve import ServeInfo, serve
 from ._worker import Worker
+from .dataplane._frames import SIZE, Frame, FrameKind, encode
+from .dataplane._peer import PeerConnection
 from .dataplane._runtime import Runtime
 
-__all__ = ["InProcessPipeline", "open_pipeline"]
+__all__ = ["FakePeer", "InProcessPipeline", "open_pipeline", "open_server", "walk_frames"]
+
+_WAIT = 5.0  # default bound, in seconds, on a FakePeer waiting for something that must come
 
 
 @dataclass(frozen=True, eq=False)
@@ -221,3 +237,152 @@ async def open_pipeline(
             yield p
         finally:
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_server(
+    pipeline: str | Path,
+    deploy: str | Path | None = None,
+    *,
+    http: str | None = None,
+    **options: Any,
+) -> AsyncIterator[ServeInfo]:
+    """Run ``alto serve`` for ``pipeline`` in this trio run until the block exits.
+
+    Instances are real processes (the local launcher), the runtime listens on a real UNIX
+    socket (and on TCP/HTTP when ``tcp=``/``http=`` say so: HTTP is off unless given). The
+    discovery file is not written and signals are left alone, so several servers can run
+    in one test. Other keyword arguments go to :func:`alto.serve` (``token``, ``tcp``,
+    ``ready_timeout``...). Raises what ``serve`` raises at start-up (ConfigError,
+    AltoError naming an instance that failed to start).
+    """
+    async with trio.open_nursery() as nursery:
+        options.setdefault("write_discovery", False)
+        options.setdefault("handle_signals", False)
+
+        async def run(task_status: trio.TaskStatus[ServeInfo]) -> None:
+            await serve(pipeline, deploy, http=http, task_status=task_status, **options)
+
+        info: ServeInfo = await nursery.start(run)
+        try:
+            yield info
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def walk_frames(
+    buf: bytes | bytearray | memoryview, end: int
+) -> tuple[list[tuple[int, int, int]], int]:
+    """The complete frames in ``buf[:end]`` as ``(kind, offset, frame_end)``, and the
+    offset of the first incomplete one: a header walk without decoding, for peers that
+    must keep up with the relay (benchmarks)."""
+    out: list[tuple[int, int, int]] = []
+    off = 0
+    unpack = SIZE.unpack_from
+    while end - off >= 4:
+        fend = off + 4 + unpack(buf, off)[0]
+        if fend > end:
+            break
+        out.append((buf[off + 4], off, fend))
+        off = fend
+    return out, off
+
+
+class FakePeer:
+    """One hand-played connection to a runtime: send raw bytes, read decoded frames.
+
+    Make one with :meth:`attach` (a socketpair whose other end ``runtime`` serves, as an
+    accepted connection) or :meth:`connect` (a real socket to a serving runtime). Every
+    wait is bounded (``timeout``, default 5 s) and fails the test with TooSlowError.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.peer = PeerConnection(self.send, self._receive_some, max_frame_size=1 << 30)
+        self.id = 0  # the instance id from WELCOME, for instances
+        self.welcome: dict[str, Any] = {}
+
+    @classmethod
+    def attach(cls, runtime: Runtime, nursery: trio.Nursery) -> FakePeer:
+        mine, theirs = socket.socketpair()
+        nursery.start_soon(runtime.handle_connection, trio.socket.from_stdlib_socket(theirs))
+        return cls(trio.socket.from_stdlib_socket(mine))
+
+    @classmethod
+    async def connect(cls, address: str) -> FakePeer:
+        """``unix:/path`` or ``HOST:PORT``."""
+        if address.startswith("unix:"):
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await sock.connect(address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            await sock.connect((host.strip("[]"), int(port)))
+        return cls(sock)
+
+    async def _receive_some(self) -> bytes:
+        try:
+            return await self.sock.recv(1 << 20)
+        except OSError:
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = await self.sock.send(view)
+            view = view[n:]
+
+    async def hello(self, token: str, **body: Any) -> Frame:
+        """Send HELLO with ``token`` and ``body``; return the answer (WELCOME or REFUSED)."""
+        await self.send(
+            encode(FrameKind.HELLO, [0], payload=json.dumps({"token": token, **body}).encode())
+        )
+        frame = await self.expect()
+        if frame.kind == FrameKind.WELCOME:
+            self.welcome = json.loads(frame.payload)
+            self.id = int(self.welcome.get("instance", 0))
+        return frame
+
+    async def instance(self, token: str, stage: str, iid: int | None = None) -> FakePeer:
+        """Register as an instance of ``stage``; fails the test when refused."""
+        frame = await self.hello(token, role="instance", stage=stage, instance=iid)
+        assert frame.kind == FrameKind.WELCOME, frame
+        return self
+
+    async def client(self, token: str) -> FakePeer:
+        """Say HELLO as a client; fails the test when refused."""
+        frame = await self.hello(token, role="client")
+        assert frame.kind == FrameKind.WELCOME, frame
+        return self
+
+    async def next(self) -> Frame | None:
+        """The next frame, or None at EOF (unbounded: prefer :meth:`expect`)."""
+        return await self.peer.next_frame()
+
+    async def expect(self, kind: FrameKind | None = None, timeout: float = _WAIT) -> Frame:
+        """The next frame (of ``kind``: frames of other kinds are skipped)."""
+        with trio.fail_after(timeout):
+            while True:
+                frame = await self.next()
+                assert frame is not None, f"EOF while waiting for {kind}"
+                if kind is None or frame.kind == kind:
+                    return frame
+
+    async def expect_eof(self, timeout: float = _WAIT) -> list[Frame]:
+        """Read until the runtime closes this connection; return what came before."""
+        frames = []
+        with trio.fail_after(timeout):
+            while (frame := await self.next()) is not None:
+                frames.append(frame)
+        return frames
+
+    async def pump(self, seconds: float = 0.05) -> list[Frame]:
+        """What arrives within ``seconds`` (for checking that nothing does)."""
+        frames: list[Frame] = []
+        with trio.move_on_after(seconds):
+            while (frame := await self.next()) is not None:
+                frames.append(frame)
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()

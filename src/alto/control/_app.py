@@ -29,6 +29,8 @@ import ipaddress
 import json
 import logging
 import math
+import os
+import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from functools import partial
@@ -617,9 +619,14 @@ async def serve_control(
     token: str | None = None,
     stream_interval: float = 0.25,
     dashboard_dir: Path | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control plane on ``host:port`` until cancelled.
+
+    ``sock``: a listening socket already bound to ``host:port`` (``alto serve`` binds it
+    first, so that a port in use ends start-up before any instance is spawned); this
+    function then owns it.
 
     Start it with ``await nursery.start(serve_control, runtime, host, port)``: that returns
     the bound port, which is the chosen free port when ``port`` is 0. Cancellation shuts the
@@ -640,7 +647,12 @@ async def serve_control(
     )
     config = Config()
     bind_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    config.bind = [f"{bind_host}:{port}"]
+    if sock is not None:
+        # hypercorn adopts the descriptor: hand it a duplicate and close ours.
+        config.bind = [f"fd://{os.dup(sock.fileno())}"]
+        sock.close()
+    else:
+        config.bind = [f"{bind_host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("alto.control.http")
     async with trio.open_nursery() as nursery:

@@ -87,6 +87,9 @@ class Relay:
         self.max_frame_size = limits.max_frame_size
         self.backlog_limit = limits.backlog_limit
         self.queues = ", ".join(q.decode() for q in topology.routes)
+        # False sends every frame through the general path: the differential test of the
+        # fast path runs both on the same input and compares what they did.
+        self.fast_path = True
         self.frames_relayed = 0
         self.frames_discarded = 0  # frames of requests that had already ended
         self.frames_retried = 0
@@ -182,8 +185,8 @@ class Relay:
         # Frames from this stage that need the general path: ACKs where the ledger tracks
         # exact paths or frames are retained; DATA of an idempotent stage (it marks inputs
         # as started); DATA closing a child that matters to a group downstream.
-        acks_general = st.tracked or st.retains
-        data_general = st.retains
+        acks_general = st.tracked or st.retains or not self.fast_path
+        data_general = st.retains or not self.fast_path
         slow_flags = _LAST if st.tracks_children else 0
         off = 0
         n_in = 0
@@ -428,15 +431,28 @@ class Relay:
         pklen: int,
         rid: int,
     ) -> None:
-        """One exact ACK (a tracked or idempotent stage: coalescing is off for them)."""
+        """An ACK through the general path: exact (one frame, its key path) for a tracked
+        or idempotent stage, where coalescing is off; possibly coalesced (a count, as the
+        fast path takes it) for any other stage."""
+        st = inst.stage
         p = payload_offset(off, depth, qlen, pklen)
-        if fend - p >= 4 and SIZE.unpack_from(buf, p)[0] != 1:
+        n = SIZE.unpack_from(buf, p)[0] if fend - p >= 4 else 1
+        if n != 1 and (st.tracked or st.retains):
             raise RemoteProtocolError(
                 "this stage's ACKs must name one frame each (coalesce_acks is off)"
             )
-        if inst.credits_in_use <= 0:
-            raise RemoteProtocolError("ACK with no unacknowledged frame")
-        self.credit_back(inst, rid, 1)
+        if not 0 < n <= inst.credits_in_use:
+            raise RemoteProtocolError(
+                f"ACK of {n} frames, but {inst.credits_in_use} are unacknowledged"
+            )
+        self.credit_back(inst, rid, n)
+        if n != 1:
+            req = self.ledger.requests.get(rid)
+            if req is not None:
+                self.ledger.remove_entries(req, n)
+            if inst.state is _DRAINING:
+                self.on_idle(inst)
+            return
         path = bytes(buf[off + PATH_OFFSET : off + PATH_OFFSET + 8 * depth])
         if inst.retained:
             dq = inst.retained.get(path)
@@ -447,7 +463,7 @@ class Relay:
                     inst.started.discard(path)
         req = self.ledger.requests.get(rid)
         if req is not None:
-            self.ledger.remove_entry(req, inst.stage, path)
+            self.ledger.remove_entry(req, st, path)
         if inst.state is _DRAINING:
             self.on_idle(inst)
 

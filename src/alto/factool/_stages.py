@@ -107,6 +107,18 @@ class _LMStage:
         self.engine: Engine | None = None
 
     @staticmethod
+    def validate(options: Mapping[str, Any]) -> None:
+        """Cheap checks before anything starts (:func:`alto._config.check_imports`): the
+        engine is registered. Raises LookupError naming the available engines."""
+        from ..engines import available_engines
+
+        name = options.get("engine", "llamacpp")
+        if name not in available_engines():
+            raise LookupError(
+                f"unknown engine {name!r}; available: {', '.join(available_engines())}"
+            )
+
+    @staticmethod
     def prepare(options: Mapping[str, Any]) -> None:
         """Before instances start (:func:`alto._artifacts.prepare_artifacts`): assemble
         the default model file once when the stage uses llama.cpp without a
