@@ -13,6 +13,6 @@ stamp=.venv/.alto-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch is pinned to the CPU build in pyproject (torch==2.13.0): never a CUDA download.
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-    .venv/bin/python -m pip install -q -e '.[llm,dev]'
+    .venv/bin/python -m pip install -q -e '.[llm,dev,ray]'
   touch "$stamp"
 fi

@@ -1,8 +1,9 @@
 """The ``alto`` command line.
 
 alto serve PIPELINE.toml [--deploy DEPLOY.toml] [--tcp HOST:PORT] [--http HOST:PORT | --no-http] [--token T]
+           [--launcher NAME] [--ray-address ADDR] [--tls-cert PEM --tls-key PEM] [--insecure-tcp]
 alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N]
-alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T
+alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T [--tls-ca PEM]
 alto status | scale STAGE N | top      (talk to the HTTP control plane)
 """
 
@@ -41,6 +42,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"alto: dashboard and API at {info.http_url}/", file=sys.stderr)
         print(f"alto: submit with: alto submit {info.pipeline} '<json input>'", file=sys.stderr)
 
+    launcher = args.launcher
+    launcher_options = {}
+    if args.ray_address:
+        launcher = launcher or "ray"  # an address of a Ray cluster means the Ray launcher
+        launcher_options["address"] = args.ray_address
     trio.run(
         lambda: serve(
             args.pipeline,
@@ -49,6 +55,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             http=None if args.no_http else args.http,
             token=args.token,
             on_ready=ready,
+            launcher=launcher,
+            launcher_options=launcher_options,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+            insecure_tcp=args.insecure_tcp,
         )
     )
     return 0
@@ -98,7 +110,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         nonlocal failures
-        async with open_client(name, address=args.address, token=args.token) as client:
+        async with open_client(
+            name, address=args.address, token=args.token, tls_ca=args.tls_ca
+        ) as client:
             typ = client.message_type(client.input_queue)
             limiter = trio.CapacityLimiter(args.concurrency)
             messages = []
@@ -165,6 +179,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if not token:
         raise AltoError("a remote instance needs the runtime's token: --token or ALTO_TOKEN")
     os.environ["ALTO_TOKEN"] = token
+    if args.tls_ca:
+        os.environ["ALTO_TLS_CA"] = args.tls_ca  # read by the worker's connect()
     os.environ.pop("ALTO_INSTANCE", None)
     _worker.main()
     return 0
@@ -223,6 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ALTO_TOKEN"),
         help="shared token (default: ALTO_TOKEN, else random)",
     )
+    s.add_argument(
+        "--launcher",
+        help="who starts the instances: a name in the alto.launchers group, e.g. local or ray "
+        "(default: the deployment's [runtime] launcher, else local)",
+    )
+    s.add_argument(
+        "--ray-address",
+        help="the Ray cluster to start instances on (implies --launcher ray; "
+        "default: the deployment's [launcher] address, else a local cluster)",
+    )
+    s.add_argument("--tls-cert", help="PEM certificate chain: the --tcp listener speaks TLS")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument(
+        "--tls-ca",
+        help="PEM file that launched instances trust (default: --tls-cert itself, pinned)",
+    )
+    s.add_argument(
+        "--insecure-tcp",
+        action="store_true",
+        help="allow plain TCP (no TLS) on a non-loopback --tcp address",
+    )
     s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser("submit", help="submit requests and stream their results as JSON lines")
@@ -242,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--concurrency", type=int, default=16)
     s.add_argument("--address", help="unix:/path or HOST:PORT (default: the discovery file)")
     s.add_argument("--token", default=None)
+    s.add_argument(
+        "--tls-ca", help="PEM file of the CA to trust: HOST:PORT over TLS (default ALTO_TLS_CA)"
+    )
     s.set_defaults(fn=_cmd_submit)
 
     s = sub.add_parser("worker", help="run one stage instance that connects to a runtime over TCP")
@@ -249,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", required=True)
     s.add_argument("--connect", required=True, help="HOST:PORT of alto serve --tcp")
     s.add_argument("--token", default=None)
+    s.add_argument(
+        "--tls-ca", help="PEM file of the CA to trust: connect over TLS (default ALTO_TLS_CA)"
+    )
     s.set_defaults(fn=_cmd_worker)
 
     for name, fn, helptext in (

@@ -27,6 +27,7 @@ from ._errors import OverloadedError, RequestFailed, RuntimeUnavailable
 from ._serve import read_discovery
 from .dataplane._frames import FrameKind, encode
 from .dataplane._peer import PeerConnection
+from .dataplane._tls import client_context_from_env
 
 __all__ = ["Client", "Result", "open_client"]
 
@@ -163,13 +164,20 @@ class Client:
 
 @asynccontextmanager
 async def open_client(
-    pipeline: str | None = None, *, address: str | None = None, token: str | None = None
+    pipeline: str | None = None,
+    *,
+    address: str | None = None,
+    token: str | None = None,
+    tls_ca: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a running runtime.
 
     ``pipeline`` finds it through the discovery file that ``alto serve`` writes; or give
-    ``address`` (``unix:/path`` or ``HOST:PORT``) and ``token``. Raises
-    RuntimeUnavailable when nothing answers, AuthenticationError on a bad token.
+    ``address`` (``unix:/path`` or ``HOST:PORT``) and ``token``. A ``HOST:PORT`` is reached
+    over TLS when ``tls_ca`` (or ``$ALTO_TLS_CA``) names the PEM file of the CA, or of the
+    runtime's own certificate, to trust. Raises RuntimeUnavailable when nothing answers or
+    the TLS handshake fails, AuthenticationError on a bad token (or a plain connection to a
+    TLS runtime, which closes it), ConfigError when the CA file cannot be used.
     """
     if address is None:
         if pipeline is None:
@@ -184,7 +192,21 @@ async def open_client(
             stream: trio.abc.Stream = await trio.open_unix_socket(address[5:])
         else:
             host, _, port = address.rpartition(":")
-            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            ctx = client_context_from_env(tls_ca)
+            if ctx is None:
+                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            else:
+                tls = await trio.open_ssl_over_tcp_stream(
+                    host.strip("[]"), int(port), ssl_context=ctx, https_compatible=True
+                )
+                try:
+                    await tls.do_handshake()  # here, so that a failure says what it is
+                except trio.BrokenResourceError as exc:
+                    await trio.aclose_forcefully(tls)
+                    raise RuntimeUnavailable(
+                        f"TLS handshake with the runtime at {address} failed: {exc.__cause__ or exc}"
+                    ) from exc
+                stream = tls
     except OSError as exc:
         raise RuntimeUnavailable(f"cannot connect to the runtime at {address}: {exc}") from exc
     async with stream:

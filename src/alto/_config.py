@@ -57,6 +57,7 @@ __all__ = [
     "RuntimeLimits",
     "StageConfig",
     "StageDeployment",
+    "TLSConfig",
     "load_deployment",
     "load_pipeline",
     "resolve",
@@ -87,6 +88,10 @@ class StageConfig:
     backend: str = "trio"
     concurrency: int = 64
     options: Mapping[str, Any] = field(default_factory=dict)
+    # What one instance needs from a cluster launcher (Ray): CPUs (None: the launcher's
+    # default) and custom resources by name; GPUs are ``gpus``. The local launcher ignores them.
+    cpus: float | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
     input_depth: int = 1  # key-path depth of the frames entering this stage (computed)
 
 
@@ -158,6 +163,9 @@ MAX_INFLIGHT = 1 << 20
 MAX_BACKLOG = 1 << 24
 MAX_FRAME_SIZE = 1 << 30
 MAX_TIMEOUT_SECONDS = 24 * 3600.0
+MAX_CPUS = 1024.0  # per instance
+MAX_RESOURCE = 1e6  # per instance, of one custom resource
+PLACEMENTS = ("pack", "spread")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +183,20 @@ class StageDeployment:
     instances: int = 1
     credits: int | None = None
     max_instances: int | None = None  # None: the runtime's max_instances
+    # Where instances run, for cluster launchers: CPUs per instance (over the pipeline's),
+    # custom resources (merged over the pipeline's: pin a stage to a node that has one),
+    # and "pack" (next to the stage's other instances) or "spread" (across nodes).
+    cpus: float | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    placement: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """The runtime's TLS certificate chain and private key (PEM files) for ``--tcp``."""
+
+    cert: str
+    key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +204,9 @@ class DeploymentConfig:
     path: str
     runtime: RuntimeLimits
     stages: Mapping[str, StageDeployment]
+    launcher: str = "local"  # [runtime] launcher: a name in the alto.launchers group
+    launcher_options: Mapping[str, Any] = field(default_factory=dict)  # [launcher], checked by it
+    tls: TLSConfig | None = None
 
     def instances(self, stage: str) -> int:
         return self.stages[stage].instances if stage in self.stages else 1
@@ -189,6 +214,24 @@ class DeploymentConfig:
     def credits(self, stage: str) -> int:
         d = self.stages.get(stage)
         return d.credits if d is not None and d.credits is not None else self.runtime.credits
+
+    def resources(self, stage: StageConfig) -> dict[str, float]:
+        """What one instance of ``stage`` asks of a cluster: ``CPU`` and ``GPU`` (when
+        set) and custom resources, the deployment's over the pipeline's."""
+        d = self.stages.get(stage.name, StageDeployment())
+        out: dict[str, float] = {}
+        cpus = d.cpus if d.cpus is not None else stage.cpus
+        if cpus is not None:
+            out["CPU"] = cpus
+        if stage.gpus:
+            out["GPU"] = float(stage.gpus)
+        out.update(stage.resources)
+        out.update(d.resources)
+        return out
+
+    def placement(self, stage: str) -> str | None:
+        d = self.stages.get(stage)
+        return d.placement if d is not None else None
 
     def max_instances(self, stage: str) -> int:
         d = self.stages.get(stage)
@@ -252,6 +295,35 @@ class _Table:
                 f"must be at most {maximum}, got {v}; allowed: {minimum}..{maximum}",
             )
         return v
+
+    def amount(self, k: str, default: Any = ..., maximum: float = MAX_RESOURCE) -> Any:
+        """A resource quantity: a number in ``0..maximum``, whole above 1 (a cluster
+        scheduler such as Ray divides only single units)."""
+        v = self.get(k, (int, float), default)
+        if v is None:
+            return None
+        v = float(v)
+        if not 0 <= v <= maximum or (v > 1 and not v.is_integer()):
+            raise ConfigError(
+                self.path,
+                self.key(k),
+                f"must be a number in 0..{maximum:g}, a whole number above 1, got {v:g}",
+            )
+        return v
+
+    def resources(self, k: str) -> dict[str, float]:
+        """A table of custom resource names to quantities (CPUs and GPUs have their keys)."""
+        t = _Table(self.path, self.key(k), self.get(k, dict, {}, what="a table"))
+        out: dict[str, float] = {}
+        for name in t.data:
+            if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(
+                    self.path,
+                    t.key(name),
+                    "not a custom resource name (use cpus = and gpus = for CPUs and GPUs)",
+                )
+            out[name] = t.amount(name)
+        return out
 
     def seconds(self, k: str, default: float, maximum: float = MAX_TIMEOUT_SECONDS) -> float:
         """A positive number of seconds, at most ``maximum``."""
@@ -319,6 +391,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     stage_keys = (
         "entry", "inputs", "outputs", "fanout", "stateful", "aggregate_level", "scheduler",
         "scheduler_options", "gpus", "idempotent", "backend", "concurrency", "options",
+        "cpus", "resources",
     )  # fmt: skip
     stages_table = top.table("stages")
     if not stages_table:
@@ -386,6 +459,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             backend=backend,
             concurrency=t.positive("concurrency", 64, maximum=65536),
             options=t.table("options", {}),
+            cpus=t.amount("cpus", None, maximum=MAX_CPUS),
+            resources=t.resources("resources"),
         )
 
     if input_q not in consumer:
@@ -482,12 +557,12 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
         return DeploymentConfig("<defaults>", RuntimeLimits(), {})
     p, data = _read(path)
     top = _Table(p, "", data)
-    top.check_keys(("runtime", "stages"))
+    top.check_keys(("runtime", "stages", "launcher", "tls"))
     rt = _Table(p, "runtime", top.table("runtime", {}))
     rt.check_keys(
         (
             "credits", "max_inflight_requests", "backlog_limit", "max_frame_size",
-            "stop_timeout", "max_instances",
+            "stop_timeout", "max_instances", "launcher",
         )
     )  # fmt: skip
     d = RuntimeLimits()
@@ -511,10 +586,22 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
                 f"no such stage in {pipeline.path}; stages: {', '.join(pipeline.stages)}",
             )  # fmt: skip
         t = _Table(p, f"stages.{sname}", sdata)
-        t.check_keys(("instances", "credits", "max_instances"))
+        t.check_keys(("instances", "credits", "max_instances", "cpus", "resources", "placement"))
         cap = t.positive("max_instances", None, maximum=limits.max_instances)
         n = t.positive("instances", 1, maximum=cap if cap is not None else limits.max_instances)
-        stages[sname] = StageDeployment(n, t.positive("credits", None, maximum=MAX_CREDITS), cap)
+        placement = t.get("placement", str, None)
+        if placement is not None and placement not in PLACEMENTS:
+            raise ConfigError(
+                p, t.key("placement"), f"got {placement!r}; allowed: {', '.join(PLACEMENTS)}"
+            )
+        stages[sname] = StageDeployment(
+            n,
+            t.positive("credits", None, maximum=MAX_CREDITS),
+            cap,
+            cpus=t.amount("cpus", None, maximum=MAX_CPUS),
+            resources=t.resources("resources"),
+            placement=placement,
+        )
     total = sum(stages[s].instances if s in stages else 1 for s in pipeline.stages)
     if total > limits.max_instances:
         raise ConfigError(
@@ -522,7 +609,16 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
             "stages",
             f"the deployment asks for {total} instances in all, more than runtime.max_instances = {limits.max_instances}",
         )
-    return DeploymentConfig(p, limits, stages)
+    launcher = rt.get("launcher", str, "local")
+    if not launcher:
+        raise ConfigError(p, "runtime.launcher", 'must name a launcher, e.g. "local" or "ray"')
+    tls = None
+    if "tls" in top.data:
+        t = _Table(p, "tls", top.table("tls"))
+        t.check_keys(("cert", "key"))
+        here = Path(p).parent  # relative paths are relative to the deployment file
+        tls = TLSConfig(str(here / t.get("cert", str)), str(here / t.get("key", str)))
+    return DeploymentConfig(p, limits, stages, launcher, dict(top.table("launcher", {})), tls)
 
 
 def resolve(ref: str, *, what: str = "object") -> Any:

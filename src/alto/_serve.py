@@ -9,6 +9,16 @@ instances are terminated, the socket directory and the discovery file are remove
 The runtime authenticates every connection with a token. Local instances get it through
 their environment; remote instances (``alto worker --connect HOST:PORT``) and clients read
 it from ``--token``/``ALTO_TOKEN`` or from the discovery file (mode 0600).
+
+Instances are started by a launcher plugin (``alto.dataplane._launcher``): ``--launcher
+NAME`` or the deployment's ``[runtime] launcher`` (default ``local``), with the
+deployment's ``[launcher]`` options. A launcher whose instances run on other machines
+(``ray``) gets a TCP listener on ``127.0.0.1:0`` when ``--tcp`` is not given.
+
+TCP off loopback: a token is required, and the connections must be TLS (``--tls-cert``
+and ``--tls-key``, or ``[tls]`` in the deployment file) unless ``--insecure-tcp`` says
+that plain TCP is wanted (logged as a warning): the token and every payload would cross
+the network in the clear.
 """
 
 from __future__ import annotations
@@ -23,8 +33,9 @@ import secrets
 import shutil
 import signal
 import socket as _socket
+import ssl
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +51,9 @@ from ._config import (
     load_pipeline,
 )
 from ._errors import ConfigError
-from .dataplane._launcher import LocalLauncher
+from .dataplane._launcher import LaunchContext, LauncherClass, check_options, load_launcher
 from .dataplane._runtime import Runtime
+from .dataplane._tls import server_context
 
 log = logging.getLogger("alto.serve")
 
@@ -148,15 +160,50 @@ async def serve(
     write_discovery: bool = True,
     handle_signals: bool = True,
     on_ready: Callable[[ServeInfo], None] | None = None,
+    launcher: str | None = None,
+    launcher_options: Mapping[str, Any] | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    insecure_tcp: bool = False,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a pipeline until cancelled (or until Ctrl-C / SIGTERM).
 
-    Raises ConfigError for bad files or addresses, AltoError when instances fail to start.
+    ``launcher`` (default: the deployment's ``[runtime] launcher``) starts the instances,
+    with the deployment's ``[launcher]`` options updated by ``launcher_options``.
+    ``tls_cert``/``tls_key`` (default: the deployment's ``[tls]``) make the TCP listener
+    speak TLS; ``tls_ca`` is the PEM file that the instances a launcher starts trust
+    (default: the certificate itself, pinned). ``insecure_tcp`` allows plain TCP off
+    loopback.
+
+    Raises ConfigError for bad files, addresses or launcher options, PluginError for an
+    unknown or broken launcher, AltoError when instances fail to start.
     """
     pipeline = load_pipeline(pipeline_path)
     deployment = load_deployment(deploy_path, pipeline)
     check_imports(pipeline)  # a typo in an entry ends start-up here, in one line
+    launcher_name = launcher or deployment.launcher
+    launcher_cls = load_launcher(launcher_name)  # an unknown name lists the available ones
+    options = check_options(
+        launcher_name,
+        launcher_cls,
+        {**deployment.launcher_options, **(launcher_options or {})},
+        deployment.path,
+    )
+    if tcp is None and launcher_cls.needs_tcp:
+        tcp = "127.0.0.1:0"  # instances elsewhere on this machine (a local cluster)
+        log.info("launcher %r: instances connect over TCP on 127.0.0.1", launcher_name)
+    if deployment.tls is not None and tls_cert is None and tls_key is None:
+        tls_cert, tls_key = deployment.tls.cert, deployment.tls.key
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError(
+            "<command line>", "--tls-cert", "give both --tls-cert and --tls-key (PEM files)"
+        )
+    if tls_cert is not None and tcp is None:
+        raise ConfigError(
+            "<command line>", "--tls-cert", "TLS is for the TCP listener: give --tcp HOST:PORT too"
+        )
     user_token = token or os.environ.get("ALTO_TOKEN")
     for flag, addr in (("--tcp", tcp), ("--http", http)):
         if addr and not _is_loopback(parse_hostport(addr, flag)[0]) and not user_token:
@@ -165,6 +212,32 @@ async def serve(
                 flag,
                 f"refusing to listen on non-loopback {addr} without a token (--token or ALTO_TOKEN)",
             )
+    ssl_context = None
+    tls_ca_pem = None
+    if tls_cert is not None and tls_key is not None:
+        ssl_context = server_context(tls_cert, tls_key)
+        ca_file = tls_ca or tls_cert
+        try:
+            tls_ca_pem = Path(ca_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                "<command line>", "--tls-ca", f"cannot read {ca_file}: {exc}"
+            ) from exc
+    elif tcp and not _is_loopback(parse_hostport(tcp, "--tcp")[0]):
+        if not insecure_tcp:
+            raise ConfigError(
+                "<command line>",
+                "--tcp",
+                f"refusing plain TCP on non-loopback {tcp}: the token and every payload would "
+                "cross the network in the clear; give --tls-cert and --tls-key (or [tls] in "
+                "the deployment file), or --insecure-tcp on a network you trust",
+            )
+        log.warning(
+            "listening on %s over plain TCP (--insecure-tcp): the token and every payload "
+            "cross the network unencrypted",
+            tcp,
+        )
+    launch = _Launch(launcher_name, launcher_cls, options, ssl_context, tls_ca_pem)
     token = user_token or secrets.token_urlsafe(24)
     sockdir = Path(tempfile.mkdtemp(prefix="alto-"))  # mkdtemp creates it with mode 0700
     sock_path = str(sockdir / "runtime.sock")
@@ -197,6 +270,7 @@ async def serve(
                         on_ready,
                         disc,
                         task_status,
+                        launch,
                     )
                 outer.cancel_scope.cancel()
     finally:
@@ -208,6 +282,17 @@ async def serve(
                     disc.unlink()
             except (OSError, ValueError):
                 pass
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """The launcher chosen for this serve and the TCP listener's TLS, checked up front."""
+
+    name: str
+    cls: LauncherClass
+    options: dict[str, Any]
+    ssl_context: ssl.SSLContext | None
+    tls_ca_pem: str | None  # what launched instances trust
 
 
 async def _serve(
@@ -223,6 +308,7 @@ async def _serve(
     on_ready: Callable[[ServeInfo], None] | None,
     disc: Path,
     task_status: trio.TaskStatus[ServeInfo],
+    launch: _Launch,
 ) -> None:
     with contextlib.ExitStack() as stack:
         # Bound first: a port in use ends start-up before anything is spawned. Closed on
@@ -253,12 +339,21 @@ async def _serve(
 
         async with trio.open_nursery() as nursery:
             runtime = Runtime(pipeline, deployment, token=token)
-            launcher = LocalLauncher(
-                pipeline, deployment, f"unix:{sock_path}", token, nursery, runtime.instance_exited
-            )
-            runtime.launcher = launcher
             try:
-                await nursery.start(runtime.serve, listeners)
+                await nursery.start(
+                    functools.partial(runtime.serve, listeners, ssl_context=launch.ssl_context)
+                )
+                ctx = LaunchContext(
+                    pipeline,
+                    deployment,
+                    token,
+                    f"unix:{sock_path}",
+                    tcp_address,
+                    launch.tls_ca_pem,
+                    nursery,
+                    runtime.instance_exited,
+                )
+                runtime.launcher = await launch.cls.create(ctx, launch.options)
                 runtime.start_instances()
                 await runtime.wait_ready(ready_timeout)
                 http_url = None
@@ -301,7 +396,9 @@ async def _serve(
                     "pipeline %r ready: socket %s%s%s",
                     pipeline.name,
                     sock_path,
-                    f", tcp {tcp_address}" if tcp_address else "",
+                    f", tcp {tcp_address}{' (TLS)' if launch.ssl_context else ''}"
+                    if tcp_address
+                    else "",
                     f", http {http_url}" if http_url else "",
                 )
                 if on_ready is not None:

@@ -25,6 +25,7 @@ from ._errors import RemoteProtocolError, StageError, truncate_error
 from ._stage import Context, StageHandler, StageInfo
 from .dataplane._frames import Frame, FrameKind, encode
 from .dataplane._peer import PeerConnection
+from .dataplane._tls import client_context_from_env
 
 log = logging.getLogger("alto.worker")
 
@@ -91,11 +92,22 @@ class _Output:
 
 
 async def connect(address: str) -> ByteStream:
-    """``unix:/path`` or ``HOST:PORT``."""
+    """``unix:/path`` or ``HOST:PORT``; over TLS when ``ALTO_TLS_CA`` names the PEM file
+    of the CA (or the runtime's certificate) to trust (``alto worker --tls-ca``).
+
+    Raises ConfigError when that file cannot be used, OSError (ssl.SSLError included)
+    when the runtime cannot be reached or the TLS handshake fails.
+    """
     if address.startswith("unix:"):
         return await anyio.connect_unix(address[5:])
     host, _, port = address.rpartition(":")
-    return await anyio.connect_tcp(host.strip("[]"), int(port))
+    host = host.strip("[]")
+    ctx = client_context_from_env()
+    if ctx is None:
+        return await anyio.connect_tcp(host, int(port))
+    # Not standard-compatible: a runtime that drops the connection without close_notify
+    # ends it as EOF does (frames are length-prefixed, truncation is still detected).
+    return await anyio.connect_tcp(host, int(port), ssl_context=ctx, tls_standard_compatible=False)
 
 
 def peer_connection(stream: ByteStream) -> PeerConnection:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ from ._worker import Worker
 from .dataplane._frames import SIZE, Frame, FrameKind, encode
 from .dataplane._peer import PeerConnection
 from .dataplane._runtime import Runtime
+from .dataplane._tls import TLSSocket
 
 __all__ = ["FakePeer", "InProcessPipeline", "open_pipeline", "open_server", "walk_frames"]
 
@@ -309,15 +311,22 @@ class FakePeer:
         return cls(trio.socket.from_stdlib_socket(mine))
 
     @classmethod
-    async def connect(cls, address: str) -> FakePeer:
-        """``unix:/path`` or ``HOST:PORT``."""
+    async def connect(cls, address: str, *, ssl_context: ssl.SSLContext | None = None) -> FakePeer:
+        """``unix:/path`` or ``HOST:PORT``; with ``ssl_context`` (a client context, e.g.
+        ``alto.dataplane._tls.client_context(ca_file)``) the TCP connection speaks TLS,
+        and ``sock`` is a :class:`~alto.dataplane._tls.TLSSocket` (``recv_into`` and
+        ``send`` as on a plain socket; the handshake happens on the first of them)."""
         if address.startswith("unix:"):
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             await sock.connect(address[5:])
         else:
             host, _, port = address.rpartition(":")
-            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            await sock.connect((host.strip("[]"), int(port)))
+            host = host.strip("[]")
+            sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            await sock.connect((host, int(port)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl_context is not None:
+                sock = TLSSocket(sock, ssl_context, server_side=False, server_hostname=host)
         return cls(sock)
 
     async def _receive_some(self) -> bytes:

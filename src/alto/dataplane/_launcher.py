@@ -6,6 +6,25 @@ sent STOP (making sure it is gone after ``stop_timeout``), ``shutdown`` everythi
 launcher reports every exit back through the ``on_exit(instance_id, returncode)`` callback
 it was built with, so the supervisor learns of a crash even before the connection breaks.
 
+Launchers are plugins: entry points in the group ``alto.launchers`` (``local``, this
+module's :class:`LocalLauncher`, and ``ray``, :class:`alto.dataplane._ray.RayLauncher`),
+chosen by name with ``[runtime] launcher = "NAME"`` in the deployment file or
+``alto serve --launcher NAME`` (the flag wins), with options from the deployment's
+``[launcher]`` table. An entry point names a class (see :class:`LauncherClass`) with:
+
+* ``option_defaults``: every option it accepts and its default. Any other key of the
+  ``[launcher]`` table is a ConfigError naming the key and the allowed ones, and so is a
+  value whose type differs from its default's (a default of None accepts any type);
+* ``needs_tcp``: True when its instances reach the runtime over TCP (another machine):
+  ``alto serve`` then listens on ``127.0.0.1:0`` when no ``--tcp`` was given;
+* ``async create(ctx, options) -> Launcher``, a classmethod: build and prepare it (connect
+  to a cluster, check that the deployment fits) before any instance starts. ``ctx`` is a
+  :class:`LaunchContext`; ``options`` are the defaults updated with the table. Raises
+  ConfigError for an option's bad value or a deployment that can never be placed, AltoError
+  when the launcher cannot start.
+
+:func:`open_launcher` does all of that; ``alto serve`` and the tests call it.
+
 The local launcher: one OS process per stage instance, managed like a server's workers.
 
 * Each instance runs ``python -m alto._worker`` with its settings in the environment and
@@ -22,6 +41,7 @@ The local launcher: one OS process per stage instance, managed like a server's w
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -29,17 +49,32 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import trio
 
 from .._config import DeploymentConfig, PipelineConfig
-from .._errors import ConfigError
+from .._errors import ConfigError, PluginError, UnknownPluginError
 
 log = logging.getLogger("alto.launcher")
 
-__all__ = ["ExitCallback", "Launcher", "LocalLauncher", "detect_gpus", "plan_gpus"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ExitCallback",
+    "LaunchContext",
+    "Launcher",
+    "LauncherClass",
+    "LocalLauncher",
+    "available_launchers",
+    "detect_gpus",
+    "load_launcher",
+    "open_launcher",
+    "plan_gpus",
+]
+
+ENTRY_POINT_GROUP = "alto.launchers"
 
 ExitCallback = Callable[[int, "int | None"], None]
 """``on_exit(instance_id, returncode)``: an instance process ended (None: unknown code)."""
@@ -57,6 +92,108 @@ class Launcher(Protocol):
 
     async def shutdown(self) -> None:
         """Stop every instance (terminate, then kill after ``stop_timeout``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class LaunchContext:
+    """What ``alto serve`` hands a launcher class's ``create``."""
+
+    pipeline: PipelineConfig
+    deployment: DeploymentConfig
+    token: str  # every instance presents it in HELLO
+    address: str  # "unix:/path": the runtime's UNIX socket, for instances on this machine
+    tcp_address: str | None  # "HOST:PORT" as bound by --tcp (or for needs_tcp); else None
+    # PEM text that instances must trust to reach ``tcp_address`` over TLS (the CA, or the
+    # runtime's own certificate, pinned); None: the TCP listener is plain.
+    tls_ca: str | None
+    nursery: trio.Nursery  # for the launcher's own tasks (watchers); lives as long as it
+    on_exit: ExitCallback
+
+
+class LauncherClass(Protocol):
+    """What an ``alto.launchers`` entry point names (see the module docstring)."""
+
+    option_defaults: ClassVar[Mapping[str, Any]]
+    needs_tcp: ClassVar[bool]
+
+    @classmethod
+    async def create(cls, ctx: LaunchContext, options: Mapping[str, Any]) -> Launcher: ...
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    # Looked up on each call, so that tests can monkeypatch entry_points.
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def available_launchers() -> list[str]:
+    """The names registered in the ``alto.launchers`` entry point group, sorted."""
+    return sorted(_entry_points())
+
+
+def load_launcher(name: str) -> LauncherClass:
+    """The launcher class registered as ``name``.
+
+    Raises UnknownPluginError (listing the registered names) or PluginError (it cannot be
+    imported, e.g. ``ray`` without ``pip install 'alto[ray]'``, or is not a launcher class).
+    """
+    eps = _entry_points()
+    ep = eps.get(name)
+    if ep is None:
+        raise UnknownPluginError(ENTRY_POINT_GROUP, name, list(eps))
+    try:
+        cls = ep.load()
+    except Exception as exc:
+        hint = f" (install it: pip install 'alto[{name}]')" if isinstance(exc, ImportError) else ""
+        raise PluginError(
+            ENTRY_POINT_GROUP,
+            name,
+            f"cannot import {ep.value!r}: {type(exc).__name__}: {exc}{hint}",
+        ) from exc
+    for attr in ("option_defaults", "needs_tcp", "create"):
+        if not hasattr(cls, attr):
+            raise PluginError(
+                ENTRY_POINT_GROUP, name, f"{ep.value!r} is not a launcher class (no {attr!r})"
+            )
+    return cast(LauncherClass, cls)
+
+
+def check_options(
+    name: str, cls: LauncherClass, options: Mapping[str, Any], where: str
+) -> dict[str, Any]:
+    """``cls``'s defaults updated with ``options``. Raises ConfigError naming the file
+    ``where`` and the ``launcher.KEY`` that is unknown or of the wrong type."""
+    defaults = dict(cls.option_defaults)
+    for k, v in options.items():
+        if k not in defaults:
+            allowed = ", ".join(sorted(defaults)) or "(none)"
+            raise ConfigError(
+                where, f"launcher.{k}", f"unknown option of launcher {name!r}; allowed: {allowed}"
+            )
+        d = defaults[k]
+        if d is not None and v is not None:
+            want: tuple[type, ...] = (int, float) if type(d) in (int, float) else (type(d),)
+            if not isinstance(v, want) or (isinstance(v, bool) and not isinstance(d, bool)):
+                raise ConfigError(
+                    where,
+                    f"launcher.{k}",
+                    f"expected {' or '.join(t.__name__ for t in want)}, got {v!r}",
+                )
+    defaults.update(options)
+    return defaults
+
+
+async def open_launcher(
+    name: str, ctx: LaunchContext, options: Mapping[str, Any], *, where: str = "<command line>"
+) -> Launcher:
+    """Load launcher ``name``, check ``options`` and create it (see the module docstring).
+
+    Raises UnknownPluginError, PluginError, ConfigError, or what its ``create`` raises.
+    """
+    cls = load_launcher(name)
+    return await cls.create(ctx, check_options(name, cls, options, where))
 
 
 def detect_gpus(env: Mapping[str, str] | None = None) -> list[str]:
@@ -107,6 +244,14 @@ def plan_gpus(
 
 class LocalLauncher:
     """Spawns and watches instance processes inside the caller's nursery."""
+
+    option_defaults: ClassVar[Mapping[str, Any]] = {}
+    needs_tcp: ClassVar[bool] = False
+
+    @classmethod
+    async def create(cls, ctx: LaunchContext, options: Mapping[str, Any]) -> LocalLauncher:
+        """The ``local`` entry point: instances connect over the runtime's UNIX socket."""
+        return cls(ctx.pipeline, ctx.deployment, ctx.address, ctx.token, ctx.nursery, ctx.on_exit)
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -56,6 +57,7 @@ from ._stats import (
     StageStatistics,
 )
 from ._supervisor import Refused, Supervisor
+from ._tls import TLSSocket
 from ._topology import Instance, derive_topology
 
 log = logging.getLogger("alto.runtime")
@@ -114,13 +116,16 @@ class Runtime:
         self,
         listeners: Iterable[trio.socket.SocketType],
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept connections on the given listening sockets until cancelled."""
+        """Accept connections on the given listening sockets until cancelled. With
+        ``ssl_context``, connections accepted on TCP listeners speak TLS (``_tls``); UNIX
+        sockets stay plain."""
         async with trio.open_nursery() as nursery:
             self.supervisor.nursery = nursery
             for sock in listeners:
-                nursery.start_soon(self._accept_loop, sock)
+                nursery.start_soon(self._accept_loop, sock, ssl_context)
             task_status.started()
             await trio.sleep_forever()  # the nursery also hosts connections and spawns
 
@@ -135,7 +140,9 @@ class Runtime:
         failed to start (with its last error), or the late ones after ``timeout``."""
         await self.supervisor.wait_ready(timeout)
 
-    async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
+    async def _accept_loop(
+        self, listener: trio.socket.SocketType, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         while True:
             try:
                 sock, _ = await listener.accept()
@@ -145,6 +152,10 @@ class Runtime:
                 continue
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 set_tcp_options(sock)
+                if ssl_context is not None:
+                    # The handshake happens on the first receive, in the connection's own
+                    # task, within read_hello's timeout: never in this loop.
+                    sock = TLSSocket(sock, ssl_context, server_side=True)
             assert self.supervisor.nursery is not None
             self.supervisor.nursery.start_soon(self.handle_connection, sock)
 
