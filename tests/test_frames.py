@@ -263,7 +263,7 @@ def test_header_lengths_may_be_shorter_than_the_frame() -> None:
     assert (f.queue, f.payload) == ("", b"rest")
 
 
-@pytest.mark.parametrize("kind", [0, 10, 15, 99, 255])
+@pytest.mark.parametrize("kind", [0, 10, 17, 99, 255])
 def test_unknown_kind(kind: int) -> None:
     with pytest.raises(RemoteProtocolError, match=f"unknown frame kind {kind}"):
         decode_all([raw_frame(kind=kind)])
@@ -282,7 +282,7 @@ def test_non_ascii_queue_on_the_wire() -> None:
 
 def test_unknown_flag_bits_are_dropped() -> None:
     f = decode_all([raw_frame(flags=0xFF)])[0]
-    assert f.flags == FrameFlags.LAST
+    assert f.flags == FrameFlags.LAST | FrameFlags.TRACED
 
 
 def test_bad_frame_after_good_ones() -> None:

@@ -13,6 +13,7 @@ client: one connection, one reader task, one channel per request.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,9 @@ from ._errors import OverloadedError, RequestFailed, RuntimeUnavailable
 from ._serve import read_discovery
 from .dataplane._frames import FrameKind, encode
 from .dataplane._peer import PeerConnection
+from .dataplane._runtime import check_timeout
 from .dataplane._tls import client_context_from_env
+from .dataplane._tracing import parse_traceparent
 
 __all__ = ["Client", "Result", "open_client"]
 
@@ -94,7 +97,7 @@ class Client:
                 elif k == FrameKind.REFUSED:
                     ch = self._pending.pop(frame.key_path[0], None)
                     if ch is not None:
-                        self._deliver(ch, ("refused", frame.payload.decode()))
+                        self._deliver(ch, ("refused", _refusal(frame.payload)))
                 elif k == FrameKind.DATA:
                     ch = self._by_rid.get(frame.key_path[0])
                     if ch is not None:
@@ -118,48 +121,111 @@ class Client:
     def message_type(self, queue: str) -> type[Message]:
         return self._types[queue]
 
-    async def submit(self, message: Message) -> AsyncIterator[Result]:
+    async def submit(
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> AsyncIterator[Result]:
         """Submit one request; yield its results as they arrive.
 
-        Raises OverloadedError if the runtime refused it, RequestFailed if a stage
-        failed (the message names stage and instance), RuntimeUnavailable if the
-        connection was lost.
+        ``timeout``: seconds after which the request fails with "deadline exceeded" and
+        its work is cancelled (default: the deployment's ``request_timeout``, if any).
+        ``traceparent``: a W3C trace context; the request's trace continues it.
+        Leaving the loop before the request is done cancels it: its remaining work stops.
+
+        Raises OverloadedError if the runtime refused it for load, ValueError for an input
+        or option it refused (too large, a timeout out of range, a malformed
+        traceparent), RequestFailed if a stage failed (the message names stage and
+        instance) or its deadline passed, RuntimeUnavailable if the connection was lost.
         """
         if self._closed:
             raise RuntimeUnavailable("the connection to the runtime is closed")
+        options: dict[str, float | str] = {}
+        if timeout is not None:
+            options["timeout"] = check_timeout(timeout)
+        if traceparent is not None:
+            parse_traceparent(traceparent)
+            options["traceparent"] = traceparent
         corr = next(self._corr)
         send, recv = trio.open_memory_channel[Any](math.inf)
         self._pending[corr] = send
         async with self._send_lock:
             await self._stream.send_all(
-                encode(FrameKind.SUBMIT, [corr], self.input_queue, message.SerializeToString())
+                encode(
+                    FrameKind.SUBMIT,
+                    [corr],
+                    self.input_queue,
+                    message.SerializeToString(),
+                    json.dumps(options).encode() if options else b"",
+                )
             )
         rid = 0
+        finished = False
         try:
             async for kind, value in recv:
                 if kind == "accepted":
                     rid = value
                 elif kind == "refused":
-                    raise OverloadedError(value)
+                    finished = True
+                    reason, text, retry_after = value
+                    if reason == "overloaded":
+                        raise OverloadedError(text, retry_after=retry_after)
+                    raise ValueError(f"the runtime refused the request: {text}")
                 elif kind == "result":
                     typ = self._types.get(value.queue)
                     msg = typ.FromString(value.payload) if typ is not None else value.payload
                     yield Result(rid, value.queue, value.key_path, msg)
                 elif kind == "error":
+                    finished = True
                     raise RequestFailed(rid, value)
                 elif kind == "lost":
+                    finished = True
                     raise RuntimeUnavailable("the connection to the runtime was lost")
                 else:
+                    finished = True
                     return
         finally:  # also when the caller stops early: forget this request's channel
             recv.close()
             self._pending.pop(corr, None)
             if rid:
                 self._by_rid.pop(rid, None)
+                if not finished and not self._closed:
+                    # Nobody will read its results: stop its work in the pipeline.
+                    with trio.CancelScope(shield=True):
+                        await self.cancel(rid)
 
-    async def run(self, message: Message) -> list[Result]:
+    async def cancel(self, request_id: int) -> None:
+        """Cancel one of this client's requests (its ``submit`` loop then ends with
+        RequestFailed "cancelled by its client"). Unknown or finished ids are ignored."""
+        if self._closed:
+            return
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(encode(FrameKind.CANCEL, [request_id]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def run(
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> list[Result]:
         """Submit and collect every result (raises like :meth:`submit`)."""
-        return [r async for r in self.submit(message)]
+        return [r async for r in self.submit(message, timeout=timeout, traceparent=traceparent)]
+
+
+def _refusal(payload: bytes) -> tuple[str, str, float]:
+    """(reason, message, retry_after) of a REFUSED frame: a JSON object (``reason``:
+    ``overloaded`` or ``invalid``), or plain text from an older runtime."""
+    try:
+        body = json.loads(payload)
+        return str(body["reason"]), str(body["message"]), float(body.get("retry_after", 1.0))
+    except (ValueError, KeyError, TypeError):
+        return "overloaded", payload.decode(errors="replace"), 1.0
 
 
 @asynccontextmanager

@@ -176,6 +176,8 @@ class RuntimeLimits:
     max_frame_size: int = 16 * 1024 * 1024
     stop_timeout: float = 5.0
     max_instances: int = field(default_factory=default_max_instances)  # instance processes
+    request_timeout: float | None = None  # default deadline of a request, seconds
+    trace_sample_rate: float = 1.0  # share of requests traced (see dataplane._tracing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,18 @@ class StageDeployment:
     cpus: float | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     placement: str | None = None
+    autoscale: AutoscaleConfig | None = None  # [stages.NAME.autoscale]
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleConfig:
+    """``[stages.NAME.autoscale]``: see ``alto.dataplane._autoscaler``."""
+
+    min: int
+    max: int
+    target_queue_depth: float = 4.0
+    up_delay: float = 2.0
+    down_delay: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +338,13 @@ class _Table:
                 )
             out[name] = t.amount(name)
         return out
+
+    def fraction(self, k: str, default: float) -> float:
+        """A number in [0, 1]."""
+        v = float(self.get(k, (int, float), default))
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(self.path, self.key(k), f"must be between 0 and 1, got {v}")
+        return v
 
     def seconds(self, k: str, default: float, maximum: float = MAX_TIMEOUT_SECONDS) -> float:
         """A positive number of seconds, at most ``maximum``."""
@@ -562,7 +583,8 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
     rt.check_keys(
         (
             "credits", "max_inflight_requests", "backlog_limit", "max_frame_size",
-            "stop_timeout", "max_instances", "launcher",
+            "stop_timeout", "max_instances", "launcher", "request_timeout",
+            "trace_sample_rate",
         )
     )  # fmt: skip
     d = RuntimeLimits()
@@ -577,6 +599,10 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
         ),
         stop_timeout=rt.seconds("stop_timeout", d.stop_timeout, maximum=3600.0),
         max_instances=rt.positive("max_instances", d.max_instances, maximum=MAX_INSTANCES),
+        request_timeout=(
+            rt.seconds("request_timeout", 1.0) if "request_timeout" in rt.data else None
+        ),
+        trace_sample_rate=rt.fraction("trace_sample_rate", d.trace_sample_rate),
     )
     stages: dict[str, StageDeployment] = {}
     for sname, sdata in top.table("stages", {}).items():
@@ -586,7 +612,9 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
                 f"no such stage in {pipeline.path}; stages: {', '.join(pipeline.stages)}",
             )  # fmt: skip
         t = _Table(p, f"stages.{sname}", sdata)
-        t.check_keys(("instances", "credits", "max_instances", "cpus", "resources", "placement"))
+        t.check_keys(
+            ("instances", "credits", "max_instances", "cpus", "resources", "placement", "autoscale")
+        )
         cap = t.positive("max_instances", None, maximum=limits.max_instances)
         n = t.positive("instances", 1, maximum=cap if cap is not None else limits.max_instances)
         placement = t.get("placement", str, None)
@@ -601,6 +629,7 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
             cpus=t.amount("cpus", None, maximum=MAX_CPUS),
             resources=t.resources("resources"),
             placement=placement,
+            autoscale=_autoscale(p, sname, t, n, cap or limits.max_instances),
         )
     total = sum(stages[s].instances if s in stages else 1 for s in pipeline.stages)
     if total > limits.max_instances:
@@ -619,6 +648,35 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
         here = Path(p).parent  # relative paths are relative to the deployment file
         tls = TLSConfig(str(here / t.get("cert", str)), str(here / t.get("key", str)))
     return DeploymentConfig(p, limits, stages, launcher, dict(top.table("launcher", {})), tls)
+
+
+def _autoscale(p: str, stage: str, t: _Table, instances: int, cap: int) -> AutoscaleConfig | None:
+    """The stage's ``autoscale`` table, checked against its other limits."""
+    if "autoscale" not in t.data:
+        return None
+    a = _Table(p, t.key("autoscale"), t.table("autoscale"))
+    a.check_keys(("min", "max", "target_queue_depth", "up_delay", "down_delay"))
+    lo = a.positive("min", 1, maximum=cap)
+    hi = a.positive("max", max(lo, instances), maximum=cap)
+    if hi < lo:
+        raise ConfigError(p, a.key("max"), f"must be >= min ({lo}), got {hi}")
+    if not lo <= instances <= hi:
+        raise ConfigError(
+            p, t.key("instances"), f"{instances} is outside the autoscale range {lo}..{hi}"
+        )
+    d = AutoscaleConfig(lo, hi)
+    target = float(a.get("target_queue_depth", (int, float), d.target_queue_depth))
+    if not 0 < target <= MAX_CREDITS:
+        raise ConfigError(
+            p, a.key("target_queue_depth"), f"must be in (0, {MAX_CREDITS}], got {target}"
+        )
+    return AutoscaleConfig(
+        lo,
+        hi,
+        target,
+        a.seconds("up_delay", d.up_delay, maximum=3600.0),
+        a.seconds("down_delay", d.down_delay, maximum=3600.0),
+    )
 
 
 def resolve(ref: str, *, what: str = "object") -> Any:

@@ -7,7 +7,16 @@ A stage's ``entry`` in the pipeline file names either
   arguments, with ``async def process(self, msg, ctx)``, and for stateful stages
   ``async def group_closed(self, ctx)`` (called after the last item of a group; ``ctx.key_path``
   is the group's key path). Optional ``async def setup(self)`` and ``async def aclose(self)``
-  run at start and stop (load a model in ``setup``).
+  run at start and stop (load a model in ``setup``); optional ``async def
+  group_cancelled(self, ctx)`` drops an open group's state without emitting when its
+  request is cancelled (the :mod:`alto.aggregate` operators have it).
+
+Cancellation: when a request ends early (its client went away or cancelled it, its
+deadline passed, or it failed elsewhere), the runtime tells every instance holding its
+inputs. The SDK then cancels the ``process()`` calls working on it (an LM generation
+stops between tokens when its iterator is closed), skips its inputs still waiting, calls
+``group_cancelled`` for its open groups in stateful stages, and acknowledges everything,
+so credits come back; what the stage would still write is not sent.
 
 Writing outputs::
 
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -45,6 +54,7 @@ from typing import Any, Protocol
 from google.protobuf.message import Message
 
 from ._errors import StageError
+from ._telemetry import InputRecord, MetricDeltas, now
 from .dataplane._frames import FrameFlags, FrameKind, encode
 
 __all__ = ["Child", "Context", "StageHandler", "current_context", "write"]
@@ -74,13 +84,78 @@ class StageInfo:
 class Context:
     """The context of one input being processed (or one group being closed)."""
 
-    def __init__(self, info: StageInfo, out: _Output, key_path: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        info: StageInfo,
+        out: _Output,
+        key_path: tuple[int, ...],
+        record: InputRecord | None = None,
+        metrics: MetricDeltas | None = None,
+    ) -> None:
         self._info = info
         self._out = out
         self.key_path = key_path
         self._next_child = 0
         self._fed: set[str] = set()  # fan-out-feeding queues written once already
         self.closing_group = False  # set for a group_closed call
+        self._record = record  # timings of this input (None outside a worker)
+        self._metrics = metrics
+        # Outputs of a traced input are traced too, so the whole request is.
+        self._flags = FrameFlags.TRACED if record is not None and record.traced else 0
+
+    @property
+    def traced(self) -> bool:
+        """Whether this input's request is traced (its spans are recorded)."""
+        return bool(self._flags)
+
+    def set_attributes(self, **attributes: str | int | float | bool) -> None:
+        """Attributes of this input's span (traced requests only; e.g. model names)."""
+        if self._record is not None and self._record.traced:
+            self._record.attributes.update(attributes)
+
+    async def tokens(
+        self, pieces: AsyncIterator[str], *, input_tokens: int | None = None
+    ) -> AsyncIterator[str]:
+        """Yield what an LM engine streams, measuring it: time to first token, time per
+        output token and token counts, as ``gen_ai.server.*`` metrics and, on traced
+        requests, ``gen_ai.usage.*`` span attributes. One piece counts as one token.
+        Closing this iterator closes ``pieces`` (the engine stops generating)."""
+        t0 = now()
+        first: float | None = None
+        n = 0
+        rec = self._record
+        try:
+            async for piece in pieces:
+                t = now()
+                if first is None:
+                    first = t
+                n += 1
+                if rec is not None and rec.traced:
+                    rec.token_times.append(t)
+                yield piece
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            end = now()
+            m = self._metrics
+            if m is not None:
+                if first is not None:
+                    m.observe("gen_ai.server.time_to_first_token", first - t0)
+                    if n > 1:
+                        m.observe("gen_ai.server.time_per_output_token", (end - first) / (n - 1))
+                m.observe("gen_ai.client.token.usage.output", n)
+                if input_tokens is not None:
+                    m.observe("gen_ai.client.token.usage.input", input_tokens)
+            if rec is not None and rec.traced:
+                usage = rec.attributes
+                usage["gen_ai.usage.output_tokens"] = usage.get("gen_ai.usage.output_tokens", 0) + n
+                if input_tokens is not None:
+                    usage["gen_ai.usage.input_tokens"] = (
+                        usage.get("gen_ai.usage.input_tokens", 0) + input_tokens
+                    )
+                if first is not None:
+                    usage.setdefault("gen_ai.server.time_to_first_token", round(first - t0, 6))
 
     @property
     def stage(self) -> str:
@@ -126,13 +201,15 @@ class Context:
             raise self._error(
                 f"queue {queue!r} carries {typ.DESCRIPTOR.full_name}, got {type(obj).__name__}"
             )
+        if self._record is not None:
+            self._record.output()
         return encode(
             FrameKind.DATA,
             tuple(path),
             queue,
             obj.SerializeToString(),
             prompt_key.encode() if prompt_key else b"",
-            flags,
+            flags | self._flags,
             max_frame_size=self._out.max_frame_size,
         )
 
@@ -255,6 +332,7 @@ class StageHandler:
         self._obj: Any = None
         self._fn: Callable[[Any, Context], Awaitable[None]]
         self._closed: Callable[[Context], Awaitable[None]] | None = None
+        self._cancelled: Callable[[Context], Awaitable[None]] | None = None
         if inspect.isclass(entry):
             try:
                 self._obj = entry(**options)
@@ -266,6 +344,7 @@ class StageHandler:
                 raise StageError(name, None, f"{entry.__name__} has no process(msg, ctx) method")
             self._fn = self._obj.process
             self._closed = getattr(self._obj, "group_closed", None)
+            self._cancelled = getattr(self._obj, "group_cancelled", None)
         elif inspect.iscoroutinefunction(entry):
             if options:
                 raise StageError(name, None, "options are only for class entry points")
@@ -301,5 +380,15 @@ class StageHandler:
         token = _current.set(ctx)
         try:
             await self._closed(ctx)
+        finally:
+            _current.reset(token)
+
+    async def group_cancelled(self, ctx: Context) -> None:
+        """Drop a cancelled request's open group (no-op when the entry has no hook)."""
+        if self._cancelled is None:
+            return
+        token = _current.set(ctx)
+        try:
+            await self._cancelled(ctx)
         finally:
             _current.reset(token)

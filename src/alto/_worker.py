@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+from collections import OrderedDict
 
 import anyio
 from anyio.abc import ByteStream
@@ -23,13 +24,17 @@ from anyio.abc import ByteStream
 from ._config import PipelineConfig, StageConfig, load_pipeline, resolve
 from ._errors import RemoteProtocolError, StageError, truncate_error
 from ._stage import Context, StageHandler, StageInfo
-from .dataplane._frames import Frame, FrameKind, encode
+from ._telemetry import InputRecord, MetricDeltas, now
+from .dataplane._frames import Frame, FrameFlags, FrameKind, encode
 from .dataplane._peer import PeerConnection
 from .dataplane._tls import client_context_from_env
 
 log = logging.getLogger("alto.worker")
 
 _OUT_HIGH_WATER = 4 * 1024 * 1024
+_TRACED = FrameFlags.TRACED
+_CANCELLED_KEPT = 65536  # cancelled request ids remembered (their frames may still arrive)
+_STATS_INTERVAL = 1.0  # seconds between STATS frames (when there is something to say)
 
 
 class _Output:
@@ -148,6 +153,13 @@ class Worker:
             dict(stage.options),
             stage.stateful,
         )
+        self.metrics = MetricDeltas()
+        # Cancellation: the scopes of the inputs running per request, the requests the
+        # runtime cancelled (bounded: their frames in transit are skipped), and for stateful
+        # stages the groups each request has open here.
+        self._running: dict[int, set[anyio.CancelScope]] = {}
+        self._cancelled: OrderedDict[int, None] = OrderedDict()
+        self._groups: dict[int, set[tuple[int, ...]]] = {}
 
     async def run(self) -> None:
         await self.handler.setup()
@@ -188,8 +200,10 @@ class Worker:
             frozenset(q for q in self.stage.outputs if self.pipeline.feeds_fanout(q)),
         )
         limit = anyio.Semaphore(1 if self.stage.stateful else self.stage.concurrency)
+        reporting = anyio.CancelScope()
         async with anyio.create_task_group() as flush_tg:
             flush_tg.start_soon(out.flusher)
+            flush_tg.start_soon(self._report_metrics, out, reporting)
             async with anyio.create_task_group() as tg:
                 while True:
                     frame = await peer.next_frame()
@@ -197,45 +211,132 @@ class Worker:
                         log.info("runtime closed the connection")
                         tg.cancel_scope.cancel()
                         break
-                    if frame.kind in (FrameKind.DATA, FrameKind.GROUP_CLOSED):
+                    kind = frame.kind
+                    if kind in (FrameKind.DATA, FrameKind.GROUP_CLOSED):
+                        record = InputRecord(now(), bool(frame.flags & _TRACED))
                         # Stateful stages: one at a time and in order. The limiter is taken
                         # here, before the next frame is read, so order is kept.
                         if self.stage.stateful:
                             await limit.acquire()
-                        tg.start_soon(self._process, frame, info, out, limit)
-                    elif frame.kind == FrameKind.STOP:
+                        tg.start_soon(self._process, frame, record, info, out, limit)
+                    elif kind == FrameKind.CANCEL:
+                        rid = frame.key_path[0]
+                        self._cancel(rid)
+                        if self.stage.stateful:
+                            await limit.acquire()  # in order with the group's items
+                            tg.start_soon(self._drop_groups, rid, info, out, limit)
+                    elif kind == FrameKind.STOP:
                         break
                     else:
-                        raise RemoteProtocolError(
-                            f"unexpected {frame.kind.name} frame from the runtime"
-                        )
-            await out.finish()
+                        raise RemoteProtocolError(f"unexpected {kind.name} frame from the runtime")
+            reporting.cancel()
+            await out.finish()  # the flusher sends what is buffered, then returns
+
+    def _cancel(self, rid: int) -> None:
+        """The runtime cancelled request ``rid``: stop its running inputs, skip the rest."""
+        self._cancelled[rid] = None
+        while len(self._cancelled) > _CANCELLED_KEPT:
+            self._cancelled.popitem(last=False)
+        for scope in self._running.get(rid, ()):
+            scope.cancel()
 
     async def _process(
-        self, frame: Frame, info: StageInfo, out: _Output, limit: anyio.Semaphore
+        self,
+        frame: Frame,
+        record: InputRecord,
+        info: StageInfo,
+        out: _Output,
+        limit: anyio.Semaphore,
     ) -> None:
         if not self.stage.stateful:
             await limit.acquire()
         try:
-            ctx = Context(info, out, frame.key_path)
+            key_path = frame.key_path
+            rid = key_path[0]
+            if rid in self._cancelled:
+                out.ack(key_path)  # its request ended: nothing to do but give the credit back
+                return
+            record.started = now()
+            ctx = Context(info, out, key_path, record, self.metrics)
+            closing = frame.kind == FrameKind.GROUP_CLOSED
+            status = "ok"
+            scope = anyio.CancelScope()
+            running = self._running.setdefault(rid, set())
+            running.add(scope)
             try:
-                if frame.kind == FrameKind.GROUP_CLOSED:
-                    ctx.closing_group = True
-                    await self.handler.group_closed(ctx)
-                else:
-                    msg = self.in_types[frame.queue].FromString(frame.payload)
-                    await self.handler.process(msg, ctx)
-            except Exception as exc:
-                # A StageError already names stage and instance; the runtime adds them too.
-                detail = truncate_error(  # an error frame must stay small
-                    exc.message if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+                with scope:
+                    try:
+                        if closing:
+                            ctx.closing_group = True
+                            self._groups.get(rid, set()).discard(key_path)
+                            await self.handler.group_closed(ctx)
+                        else:
+                            if self.stage.stateful:
+                                self._groups.setdefault(rid, set()).add(ctx.group)
+                            msg = self.in_types[frame.queue].FromString(frame.payload)
+                            await self.handler.process(msg, ctx)
+                    except Exception as exc:
+                        status = "error"
+                        # A StageError already names stage and instance; the runtime adds them.
+                        detail = truncate_error(  # an error frame must stay small
+                            exc.message
+                            if isinstance(exc, StageError)
+                            else f"{type(exc).__name__}: {exc}"
+                        )
+                        if not isinstance(exc, StageError):
+                            traceback.print_exc()
+                        out.send_nowait(encode(FrameKind.ERROR, key_path, payload=detail.encode()))
+            finally:
+                running.discard(scope)
+                if not running:
+                    self._running.pop(rid, None)
+            if scope.cancelled_caught:
+                status = "cancelled"
+            ended = now()
+            record.observe(self.metrics, ended)
+            if record.traced:
+                # Before the ACK: the runtime has every span when the request completes.
+                out.send_nowait(
+                    encode(
+                        FrameKind.SPAN,
+                        key_path,
+                        payload=record.span(
+                            info.name,
+                            info.instance,
+                            key_path,
+                            "group_closed" if closing else "process",
+                            ended,
+                            status,
+                        ),
+                    )
                 )
-                if not isinstance(exc, StageError):
-                    traceback.print_exc()
-                out.send_nowait(encode(FrameKind.ERROR, frame.key_path, payload=detail.encode()))
-            out.ack(frame.key_path)
+            out.ack(key_path)
         finally:
             limit.release()
+
+    async def _drop_groups(
+        self, rid: int, info: StageInfo, out: _Output, limit: anyio.Semaphore
+    ) -> None:
+        """A stateful stage's request was cancelled: drop its open groups, emitting nothing."""
+        try:
+            for key_path in self._groups.pop(rid, ()):
+                ctx = Context(info, out, key_path)
+                ctx.closing_group = True
+                try:
+                    await self.handler.group_cancelled(ctx)
+                except Exception:
+                    traceback.print_exc()
+        finally:
+            limit.release()
+
+    async def _report_metrics(self, out: _Output, scope: anyio.CancelScope) -> None:
+        """Send the metric deltas about once a second (when there are any)."""
+        with scope:
+            while True:
+                await anyio.sleep(_STATS_INTERVAL)
+                payload = self.metrics.take()
+                if payload is not None:
+                    out.send_nowait(encode(FrameKind.STATS, [0], payload=payload))
 
 
 def main() -> None:

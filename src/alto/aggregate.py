@@ -72,6 +72,10 @@ class GroupAggregator(Generic[S]):
         state = self.groups.pop(ctx.key_path, None)
         await self.emit(self.initial() if state is None else state, ctx)
 
+    async def group_cancelled(self, ctx: Context) -> None:
+        """The group's request was cancelled: drop its state without emitting."""
+        self.groups.pop(ctx.key_path, None)
+
 
 class Sum(GroupAggregator[tuple[float, int]]):
     """Sum ``field`` over the group; emit ``output_field`` (and ``count_field`` if given,

@@ -65,6 +65,7 @@ from ._config import (
     PipelineConfig,
     RuntimeLimits,
     StageDeployment,
+    load_deployment,
     load_pipeline,
 )
 from ._errors import ConfigError
@@ -74,6 +75,7 @@ from .dataplane._frames import SIZE, Frame, FrameKind, encode
 from .dataplane._peer import PeerConnection
 from .dataplane._runtime import Runtime
 from .dataplane._tls import TLSSocket
+from .dataplane._tracing import SpanExport
 
 __all__ = ["FakePeer", "InProcessPipeline", "open_pipeline", "open_server", "walk_frames"]
 
@@ -190,11 +192,17 @@ async def open_pipeline(
     *,
     instances: dict[str, int] | None = None,
     credits: int = 64,
+    limits: RuntimeLimits | None = None,
+    trace_exporter: SpanExport | None = None,
+    deployment: str | Path | None = None,
 ) -> AsyncIterator[InProcessPipeline]:
     """Run ``pipeline`` (a pipeline file) in this process until the block exits.
 
     ``instances`` maps stage names to instance counts (default one each); ``credits`` is
-    every instance's limit of unacknowledged frames. The block is entered once every
+    every instance's limit of unacknowledged frames; ``limits`` replaces the runtime's
+    limits wholesale (``credits`` is then ignored); ``trace_exporter`` receives finished
+    traces (see ``alto.dataplane._otel``); ``deployment`` names a deployment file to use
+    instead of ``instances`` and ``credits`` (autoscaling, limits, per-stage settings). The block is entered once every
     instance has registered with the runtime; on exit everything is cancelled, requests
     still in flight included, and every socket is closed.
 
@@ -208,16 +216,25 @@ async def open_pipeline(
     propagates out of the block.
     """
     cfg = load_pipeline(pipeline)
-    deployment = _deployment(cfg, instances, credits)
+    if deployment is not None:
+        if instances is not None:
+            raise ConfigError(
+                "<open_pipeline>", "instances", "give instances or deployment, not both"
+            )
+        deploy = load_deployment(deployment, cfg)
+    else:
+        deploy = _deployment(cfg, instances, credits)
+    if limits is not None:
+        deploy = DeploymentConfig(deploy.path, limits, deploy.stages)
     token = secrets.token_urlsafe(16)
     # Built before anything runs, so that a bad entry point or scheduler fails here,
     # plainly, rather than as a nursery's exception group.
     first = [
         Worker(cfg, stage, address="inproc", token=token, instance=None)
         for stage in cfg.stages.values()
-        for _ in range(deployment.instances(stage.name))
+        for _ in range(deploy.instances(stage.name))
     ]
-    runtime = Runtime(cfg, deployment, token=token)
+    runtime = Runtime(cfg, deploy, token=token, trace_exporter=trace_exporter)
     client_end, runtime_end = socket.socketpair()
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
     client = Client(stream, token)

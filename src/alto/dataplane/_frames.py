@@ -71,17 +71,30 @@ class FrameKind(enum.IntEnum):
     ERROR = 6  # stage -> runtime: processing failed; runtime -> client: the request failed
     HELLO = 7  # first frame of every connection: JSON {token, role, ...}
     WELCOME = 8  # runtime's answer to HELLO: JSON {instance, credits, ...}
-    SUBMIT = 9  # client -> runtime: a new request; path[0] is the client's correlation id
+    # client -> runtime: a new request; path[0] is the client's correlation id, the payload
+    # the input message; the prompt-key field carries the request's options as a JSON
+    # object (``timeout``: seconds; ``traceparent``: W3C trace context), or is empty
+    SUBMIT = 9
     # 10 is unused: results reach a client as the DATA frames their stage wrote, unchanged
     REFUSED = 11  # runtime -> client: the request was refused (overload); payload says why
     ACCEPTED = 12  # runtime -> client: path = [correlation id, request id]
     STOP = 13  # runtime -> instance: finish in-flight work and exit
-    CANCEL = 14  # runtime -> instance: drop every input of request path[0] (it ended)
+    # runtime -> instance: drop every input of request path[0] (it ended); client ->
+    # runtime: the client no longer wants request path[0]
+    CANCEL = 14
+    SPAN = 15  # instance -> runtime: JSON timings of one processed input of a traced request
+    STATS = 16  # instance -> runtime: JSON metric deltas (histograms) since the last STATS
 
 
 class FrameFlags(enum.IntFlag):
     NONE = 0
     LAST = 1  # DATA: this item is the only/last one of its child stream (closes the child)
+    # DATA, GROUP_CLOSED: the request is traced; the instance reports a SPAN for this
+    # input and marks its outputs TRACED too
+    TRACED = 2
+
+
+_KNOWN_FLAGS: Final = int(FrameFlags.LAST | FrameFlags.TRACED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +231,9 @@ def parse(buf: bytes | bytearray | memoryview, off: int, end: int) -> Frame:
         queue = bytes(buf[q:k]).decode("ascii")
     except UnicodeDecodeError:
         raise RemoteProtocolError("queue name is not ASCII") from None
-    return Frame(fkind, path, queue, bytes(buf[d:end]), bytes(buf[k:d]), FrameFlags(flags & 1))
+    return Frame(
+        fkind, path, queue, bytes(buf[d:end]), bytes(buf[k:d]), FrameFlags(flags & _KNOWN_FLAGS)
+    )
 
 
 class FrameDecoder:

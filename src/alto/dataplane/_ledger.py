@@ -29,21 +29,30 @@ stages (``live_total += 1`` on dispatch, ``live_total -= n`` and marking the req
 dirty on a coalesced ACK). ``tests/runtime/test_relay.py`` checks, property-based, that
 the fast and the general path leave the ledger in the same state.
 
-A request that fails (a stage error, a crashed instance, a client that stopped reading)
-leaves the ledger at once: its pins are released and its later frames find no request
-and are discarded by the relay.
+A request that fails (a stage error, a crashed instance, a client that stopped reading,
+its deadline passing) or is cancelled (its client went away or asked) leaves the ledger
+at once: its pins are released, the ``ended`` callback lets the relay drop its queued
+frames and tell the instances holding its work, and its later frames find no request and
+are discarded by the relay. Every request that leaves, whichever way, is reported once
+to ``finished`` as a :class:`~alto.dataplane.RequestOutcome` (latency metrics, the list
+of recent requests).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import struct
 from collections.abc import Callable
+from typing import Any
+
+import trio
 
 from .._errors import OverloadedError, truncate_error
 from ._connections import Sink
-from ._frames import PATH_OFFSET, FrameKind, encode
+from ._frames import PATH_OFFSET, FrameFlags, FrameKind, encode
+from ._stats import RequestOutcome
 from ._topology import Instance, Stage, Topology
 
 log = logging.getLogger("alto.runtime")
@@ -58,18 +67,28 @@ class Request:
         "admitted_at",
         "closed",
         "closed_groups",
+        "deadline",
+        "first_result_at",
         "groups",
+        "key",
         "live",
         "live_total",
+        "results",
         "rid",
         "sink",
         "sub",
+        "trace",
     )
 
     def __init__(self, rid: int, sink: Sink | None, admitted_at: float) -> None:
         self.rid = rid
+        self.key = struct.pack("<Q", rid)  # path[0] as frame bytes
         self.sink = sink
-        self.admitted_at = admitted_at
+        self.admitted_at = admitted_at  # trio.current_time() at admission
+        self.first_result_at: float | None = None
+        self.results = 0  # frames delivered to its sink
+        self.deadline = math.inf  # trio time past which it fails ("deadline exceeded")
+        self.trace: Any = None  # its TraceRecord when the request is traced (see _tracing)
         self.live_total = 0  # live entries of this request, at every stage
         # Tracked stages only: live entries by (stage index, exact path) ...
         self.live: dict[tuple[int, bytes], int] = {}
@@ -90,7 +109,10 @@ class Ledger:
 
     * ``dispatch(instance, rid, frame)``: send a GROUP_CLOSED frame to a pinned instance;
     * ``unpinned(instance)``: an instance lost a pinned group (a draining instance may be
-      able to stop now).
+      able to stop now);
+    * ``ended(request)``: a request failed or was cancelled while it may still have work
+      queued or in flight (the relay drops and cancels it);
+    * ``finished(outcome)``: a request left the ledger, whichever way.
     """
 
     def __init__(self, topology: Topology) -> None:
@@ -102,8 +124,12 @@ class Ledger:
         self.failed = 0
         self.refused = 0
         self._rids = itertools.count(1)
+        self.cancelled = 0
+        self.timed_out = 0
         self.dispatch: Callable[[Instance, int, bytes], None] = _unwired
         self.unpinned: Callable[[Instance], None] = _unwired
+        self.ended: Callable[[Request], None] = _ignore
+        self.finished: Callable[[RequestOutcome], None] = _ignore
 
     # ------------------------------------------------------------------ admission
 
@@ -235,7 +261,11 @@ class Ledger:
             del st.groups[key]
         inst.open_groups -= 1
         depth = len(key) // 8
-        frame = encode(FrameKind.GROUP_CLOSED, struct.unpack(f"<{depth}Q", key))
+        path = struct.unpack(f"<{depth}Q", key)
+        traced = req.trace is not None
+        frame = encode(FrameKind.GROUP_CLOSED, path, flags=FrameFlags.TRACED if traced else 0)
+        if traced:
+            req.trace.hop("runtime", None, "", st.name, inst.id, path, kind="group_closed")
         self.add_entry(req, st, frame, depth)
         self.dispatch(inst, req.rid, frame)
         self.dirty.add(req)
@@ -245,18 +275,42 @@ class Ledger:
         self.completed += 1
         if req.sink is not None:
             req.sink.done(req.rid)
+        self._report(req, "done", "")
+
+    def _report(self, req: Request, status: str, message: str) -> None:
+        self.finished(
+            RequestOutcome(
+                request_id=req.rid,
+                status=status,
+                admitted_at=req.admitted_at,
+                first_result_at=req.first_result_at,
+                finished_at=trio.current_time(),
+                results=req.results,
+                error=message,
+                traced=req.trace is not None,
+            )
+        )
 
     # ------------------------------------------------------------------ failure
 
-    def fail(self, rid: int, message: str) -> Request | None:
-        """End request ``rid`` with an error naming its cause; release its pins. Returns
-        the request, or None when it had already ended."""
+    def fail(self, rid: int, message: str, *, status: str = "failed") -> Request | None:
+        """End request ``rid`` with an error naming its cause; release its pins; have its
+        remaining work dropped. ``status``: ``failed``, ``cancelled`` (nobody waits for
+        it any more) or ``timed_out`` (its deadline passed). Returns the request, or None
+        when it had already ended."""
         req = self.requests.pop(rid, None)
         if req is None:
             return None
         message = truncate_error(message)
-        self.failed += 1
-        log.warning("request %d failed: %s", rid, message)
+        if status == "cancelled":
+            self.cancelled += 1
+            log.info("request %d cancelled: %s", rid, message)
+        else:
+            if status == "timed_out":
+                self.timed_out += 1
+            self.failed += 1
+            log.warning("request %d failed: %s", rid, message)
+        self.ended(req)  # while req.groups still says where its groups are pinned
         groups, req.groups = req.groups, {}
         for (sidx, key), inst in groups.items():
             st = self.by_index[sidx]
@@ -266,7 +320,26 @@ class Ledger:
             self.unpinned(inst)
         if req.sink is not None:
             req.sink.error(rid, message)
+        self._report(req, status, message)
         return req
+
+    def expire(self, now: float) -> float:
+        """Fail the requests whose deadline is past ``now``; return the next deadline
+        (``inf`` when none). Linear in the requests in flight: the runtime calls it when
+        the earliest deadline it knows of passes, not per frame."""
+        late = [req for req in self.requests.values() if req.deadline <= now]
+        for req in late:
+            timeout = req.deadline - req.admitted_at
+            self.fail(
+                req.rid,
+                f"deadline exceeded: the request did not finish within {timeout:g} s",
+                status="timed_out",
+            )
+        return min((req.deadline for req in self.requests.values()), default=math.inf)
+
+
+def _ignore(*args: object) -> None:
+    pass
 
 
 def _unwired(*args: object) -> None:

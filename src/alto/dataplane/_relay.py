@@ -34,12 +34,16 @@ drains below half, and the kernel's socket buffers carry the pressure to the pro
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from collections.abc import Callable
 
+import trio
+
 from .._config import RuntimeLimits
 from .._errors import RemoteProtocolError, truncate_error
+from .._telemetry import merge_histogram
 from ._connections import Conn
 from ._frames import (
     HEADER,
@@ -49,6 +53,7 @@ from ._frames import (
     FrameFlags,
     FrameKind,
     check_header,
+    encode,
     frame_size,
     payload_offset,
 )
@@ -56,6 +61,7 @@ from ._ledger import Ledger, Request
 from ._schedulers import NoInstanceError
 from ._stats import InstanceState
 from ._topology import Instance, Stage, Topology
+from ._tracing import path_of
 
 log = logging.getLogger("alto.runtime")
 
@@ -68,6 +74,9 @@ _ACK = FrameKind.ACK
 _CLOSE = FrameKind.CLOSE
 _ERROR = FrameKind.ERROR
 _LAST = FrameFlags.LAST
+_TRACED = FrameFlags.TRACED
+_SPAN = FrameKind.SPAN
+_STATS = FrameKind.STATS
 _READY = InstanceState.READY
 _DRAINING = InstanceState.DRAINING
 
@@ -187,7 +196,8 @@ class Relay:
         # as started); DATA closing a child that matters to a group downstream.
         acks_general = st.tracked or st.retains or not self.fast_path
         data_general = st.retains or not self.fast_path
-        slow_flags = _LAST if st.tracks_children else 0
+        # DATA of a traced request always takes the general path (it records hops).
+        slow_flags = (_LAST if st.tracks_children else 0) | _TRACED
         off = 0
         n_in = 0
         run_conn: Conn | None = None  # the destination of the run buf[run_start:off]
@@ -268,7 +278,7 @@ class Relay:
                         run_conn.send(buf[run_start:off])
                         run_conn = None
                     last_inst = None  # the general path may open or fail groups
-                    self.route(st, buf, off, fend, depth, qlen, pklen, flags, rid)
+                    self.route(st, buf, off, fend, depth, qlen, pklen, flags, rid, inst)
                 elif run_conn is not None:
                     # Anything else first ends the run, then is handled with no run open.
                     run_conn.send(buf[run_start:off])
@@ -319,8 +329,9 @@ class Relay:
         pklen: int,
         flags: int,
         rid: int,
+        src_inst: Instance | None = None,
     ) -> None:
-        """Route one DATA frame from ``src`` (None: the ingress)."""
+        """Route one DATA frame from ``src`` (None: the ingress), written by ``src_inst``."""
         ledger = self.ledger
         req = ledger.requests.get(rid)
         if req is None:  # the request ended (failed) or was never admitted
@@ -340,7 +351,20 @@ class Relay:
             ledger.close_child(req, bytes(buf[off + PATH_OFFSET : off + PATH_OFFSET + 8 * depth]))
         self.frames_relayed += 1
         frame = bytes(buf[off:fend])
+        trace = req.trace if flags & _TRACED else None
         if dst is None:  # a sink queue: straight to the client
+            if req.first_result_at is None:
+                req.first_result_at = trio.current_time()
+            req.results += 1
+            if trace is not None:
+                trace.hop(
+                    src.name if src is not None else "ingress",
+                    src_inst.id if src_inst is not None else None,
+                    qname.decode(),
+                    "sink",
+                    None,
+                    path_of(frame, 0, depth),
+                )
             if req.sink is not None and not req.sink.result(rid, frame):
                 self.fail(rid, req.sink.refusal)
             return
@@ -375,6 +399,15 @@ class Relay:
                 self.fail(rid, f"no instance of stage {dst.name!r} is available")
                 return
         ledger.add_entry(req, dst, frame, depth)
+        if trace is not None:
+            trace.hop(
+                src.name if src is not None else "ingress",
+                src_inst.id if src_inst is not None else None,
+                qname.decode(),
+                dst.name,
+                inst.id,
+                path_of(frame, 0, depth),
+            )
         self.dispatch(inst, rid, frame)
 
     def instance_frame(
@@ -401,7 +434,7 @@ class Relay:
                     break
         if kind == _DATA:
             flags = buf[off + 5]
-            self.route(st, buf, off, fend, depth, qlen, pklen, flags, rid)
+            self.route(st, buf, off, fend, depth, qlen, pklen, flags, rid, inst)
         elif kind == _ACK:
             self.ack(inst, buf, off, fend, depth, qlen, pklen, rid)
         elif kind == _CLOSE:
@@ -410,6 +443,23 @@ class Relay:
                 self.ledger.close_child(
                     req, bytes(buf[off + PATH_OFFSET : off + PATH_OFFSET + 8 * depth])
                 )
+        elif kind == _SPAN:
+            req = self.ledger.requests.get(rid)
+            if req is not None and req.trace is not None:
+                try:
+                    req.trace.span(bytes(buf[payload_offset(off, depth, qlen, pklen) : fend]))
+                except ValueError as exc:  # telemetry: logged, never fatal
+                    log.warning("%s/%d sent a malformed SPAN: %s", st.name, inst.id, exc)
+        elif kind == _STATS:
+            payload = bytes(buf[payload_offset(off, depth, qlen, pklen) : fend])
+            try:
+                body = json.loads(payload)
+                if not isinstance(body, dict):
+                    raise ValueError("not a JSON object")
+                for name, delta in body.items():
+                    merge_histogram(st.metrics, delta, name)
+            except ValueError as exc:
+                log.warning("%s/%d sent malformed STATS: %s", st.name, inst.id, exc)
         elif kind == _ERROR:
             st.errors += 1
             p = payload_offset(off, depth, qlen, pklen)
@@ -539,11 +589,70 @@ class Relay:
         """Fail request ``rid`` (through the ledger)."""
         self.ledger.fail(rid, message)
 
+    def cancel_work(self, req: Request) -> None:
+        """``req`` ended (failed or cancelled): drop its frames still waiting in backlogs
+        and send CANCEL to every instance that holds some of its inputs, so that they
+        stop working on it (their ACKs still come back and return the credits)."""
+        rid = req.rid
+        cancel = encode(FrameKind.CANCEL, [rid])
+        pinned = set(req.groups.values())  # they hold its groups' state
+        for st in self.topology.by_index:
+            for inst in st.instances.values():
+                held = inst.req_counts.get(rid, 0)
+                if not held:
+                    if inst in pinned and inst.conn is not None:
+                        inst.conn.send(cancel)
+                    continue
+                if inst.backlog:
+                    kept: deque[bytes] = deque()
+                    dropped = 0
+                    for frame in inst.backlog:
+                        if frame[PATH_OFFSET : PATH_OFFSET + 8] == req.key:
+                            dropped += 1
+                            if inst.retained is not None:
+                                _forget_retained(inst, frame)
+                        else:
+                            kept.append(frame)
+                    if dropped:
+                        inst.backlog = kept
+                        self.frames_discarded += dropped
+                        inst.queue_depth -= dropped
+                        if inst.id in st.loads:
+                            st.loads[inst.id] = inst.queue_depth
+                        held -= dropped
+                        if held:
+                            inst.req_counts[rid] = held
+                        else:
+                            del inst.req_counts[rid]
+                        if inst.unblocked and len(inst.backlog) <= self.backlog_limit // 2:
+                            inst.unblocked.unpark_all()
+                if (held or inst in pinned) and inst.conn is not None:
+                    inst.conn.send(cancel)
+                if inst.state is _DRAINING:
+                    self.on_idle(inst)
+
     def ingress(self, req: Request, frame: bytes) -> None:
         """Route a new request's input frame (built by the runtime) and settle."""
         _size, _kind, flags, qlen, depth, pklen, rid = HEADER.unpack_from(frame, 0)
         self.route(None, bytearray(frame), 0, len(frame), depth, qlen, pklen, flags, rid)
         self.ledger.settle()
+
+
+def _forget_retained(inst: Instance, frame: bytes) -> None:
+    """Remove ``frame`` (dropped from the backlog) from an idempotent instance's
+    retained frames, so that a crash does not retry it."""
+    assert inst.retained is not None
+    depth = frame[7]
+    path = frame[PATH_OFFSET : PATH_OFFSET + 8 * depth]
+    dq = inst.retained.get(path)
+    if dq is not None:
+        for i, f in enumerate(dq):
+            if f is frame:
+                del dq[i]
+                break
+        if not dq:
+            del inst.retained[path]
+            inst.started.discard(path)
 
 
 def _no_idle(inst: Instance) -> None:

@@ -37,32 +37,40 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import trio
 from google.protobuf.message import Message
 
-from .._config import DeploymentConfig, PipelineConfig, resolve
+from .._config import MAX_TIMEOUT_SECONDS, DeploymentConfig, PipelineConfig, resolve
 from .._errors import OverloadedError, RemoteProtocolError
+from .._telemetry import BUCKETS
+from ._autoscaler import Autoscaler
 from ._connections import Conn, ConnSink, LocalSink, Sink, read_hello, set_tcp_options
-from ._frames import PATH_OFFSET, FrameKind, encode, payload_offset
+from ._frames import PATH_OFFSET, FrameFlags, FrameKind, encode, payload_offset
 from ._launcher import Launcher
 from ._ledger import Ledger, Request
 from ._relay import Relay
 from ._stats import (
+    HistogramSnapshot,
     InstanceStatistics,
     RequestEvent,
+    RequestOutcome,
     RuntimeStatistics,
     StageStatistics,
 )
 from ._supervisor import Refused, Supervisor
 from ._tls import TLSSocket
 from ._topology import Instance, derive_topology
+from ._tracing import SpanExport, Tracer, parse_traceparent
 
 log = logging.getLogger("alto.runtime")
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "check_timeout", "parse_request_options"]
+
+RECENT_OUTCOMES = 1024  # request outcomes kept for the control plane
 
 
 class Runtime:
@@ -78,6 +86,7 @@ class Runtime:
         *,
         token: str,
         launcher: Launcher | None = None,
+        trace_exporter: SpanExport | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.deployment = deployment
@@ -89,14 +98,30 @@ class Runtime:
         self.relay = Relay(self.topology, self.ledger, self.limits)
         self.supervisor = Supervisor(self.topology, self.ledger, self.relay, deployment)
         self.supervisor.launcher = launcher
+        policies = {
+            name: d.autoscale for name, d in deployment.stages.items() if d.autoscale is not None
+        }
+        self.supervisor.autoscaled = policies
+        self.autoscaler = Autoscaler(policies, self.topology.stages) if policies else None
         # The parts call each other through these few wires.
         self.ledger.dispatch = self.relay.dispatch
         self.ledger.unpinned = self.supervisor.maybe_finish_drain
+        self.ledger.ended = self.relay.cancel_work
+        self.ledger.finished = self._finished
         self.relay.on_idle = self.supervisor.maybe_finish_drain
         self.relay.on_client_frame = self._client_frame
+        self.tracer = Tracer(pipeline.name, self.limits.trace_sample_rate, exporter=trace_exporter)
         self.instances = self.supervisor.instances
         self.requests = self.ledger.requests
         self._input_type: type[Message] | None = None
+        # How requests ended: the most recent ones for the control plane, and observers
+        # (the control plane's latency metrics) told of each.
+        self.outcomes: deque[RequestOutcome] = deque(maxlen=RECENT_OUTCOMES)
+        self._observers: list[Callable[[RequestOutcome], None]] = []
+        # Deadlines: the earliest one known, and an event to wake the watcher when an
+        # earlier one arrives.
+        self._next_deadline = math.inf
+        self._deadline_moved = trio.Event()
 
     @property
     def launcher(self) -> Launcher | None:
@@ -126,6 +151,9 @@ class Runtime:
             self.supervisor.nursery = nursery
             for sock in listeners:
                 nursery.start_soon(self._accept_loop, sock, ssl_context)
+            nursery.start_soon(self._watch_deadlines)
+            if self.autoscaler is not None:
+                nursery.start_soon(self.autoscaler.run, self._autoscale)
             task_status.started()
             await trio.sleep_forever()  # the nursery also hosts connections and spawns
 
@@ -277,39 +305,157 @@ class Runtime:
         except RemoteProtocolError as exc:
             log.error("client connection: protocol error: %s; closing it", exc)
         finally:
-            for req in self.requests.values():  # keep running; nobody to tell
-                if isinstance(req.sink, ConnSink) and req.sink.conn is conn:
-                    req.sink = None
+            # Nobody waits for its requests any more: they stop costing anything.
+            gone = [
+                rid
+                for rid, req in self.requests.items()
+                if isinstance(req.sink, ConnSink) and req.sink.conn is conn
+            ]
+            for rid in gone:
+                req = self.requests[rid]
+                req.sink = None
+                self.ledger.fail(rid, "its client disconnected", status="cancelled")
+            if gone:
+                self.ledger.settle()
 
     def _client_frame(
         self, conn: Conn, buf: bytearray, off: int, fend: int, h: tuple[int, ...]
     ) -> None:
         _size, kind, _flags, qlen, depth, pklen, corr = h
+        if kind == FrameKind.CANCEL:
+            # A client may cancel only its own requests (path[0] is the request id).
+            req = self.requests.get(corr)
+            if req is not None and isinstance(req.sink, ConnSink) and req.sink.conn is conn:
+                self.cancel(corr, "cancelled by its client")
+            return
         if kind != FrameKind.SUBMIT:
-            raise RemoteProtocolError(f"clients may only send SUBMIT frames, got kind {kind}")
-        payload = bytes(buf[payload_offset(off, depth, qlen, pklen) : fend])
+            raise RemoteProtocolError(
+                f"clients may only send SUBMIT and CANCEL frames, got kind {kind}"
+            )
+        p = payload_offset(off, depth, qlen, pklen)
+        payload = bytes(buf[p:fend])
         try:
-            req = self._admit(ConnSink(conn, corr), payload)
+            options = parse_request_options(bytes(buf[p - pklen : p]))
+            req = self._admit(ConnSink(conn, corr), payload, **options)
         except (OverloadedError, ValueError) as exc:
-            conn.send(encode(FrameKind.REFUSED, [corr], payload=str(exc).encode()))
+            refusal: dict[str, Any] = {"reason": "invalid", "message": str(exc)}
+            if isinstance(exc, OverloadedError):
+                refusal.update(reason="overloaded", retry_after=exc.retry_after)
+            conn.send(encode(FrameKind.REFUSED, [corr], payload=json.dumps(refusal).encode()))
             return
         conn.send(encode(FrameKind.ACCEPTED, [corr, req.rid]))
         self._ingress(req, payload)
 
-    def _admit(self, sink: Sink, payload: bytes) -> Request:
+    def _admit(
+        self,
+        sink: Sink,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+    ) -> Request:
         """Register a new request. Raises OverloadedError past the in-flight limit or
-        while shutting down, ValueError when its input cannot travel as one frame."""
+        while shutting down, ValueError when its input cannot travel as one frame or an
+        option is out of range."""
         size = PATH_OFFSET + 8 + len(self.pipeline.input) + len(payload)
         if size > self.limits.max_frame_size:
             raise ValueError(
                 f"the input is too large: {size} bytes as a frame, the limit is {self.limits.max_frame_size}"
             )
-        return self.ledger.admit(
+        timeout = check_timeout(timeout) if timeout is not None else self.limits.request_timeout
+        if traceparent is not None:
+            parse_traceparent(traceparent)  # ValueError naming the problem, before admission
+        now = trio.current_time()
+        req = self.ledger.admit(
             sink,
-            trio.current_time(),
+            now,
             limit=self.limits.max_inflight_requests,
             closing=self.supervisor.closing,
         )
+        req.trace = self.tracer.start(req.rid, traceparent)
+        if timeout is not None:
+            req.deadline = now + timeout
+            if req.deadline < self._next_deadline:
+                self._next_deadline = req.deadline
+                self._deadline_moved.set()
+        return req
+
+    async def _watch_deadlines(self) -> None:
+        """Fail requests whose deadline passed ("deadline exceeded"); sleeps until the
+        earliest deadline, woken when an earlier one arrives."""
+        while True:
+            with trio.move_on_at(self._next_deadline):
+                await self._deadline_moved.wait()
+            self._deadline_moved = trio.Event()
+            now = trio.current_time()
+            if now >= self._next_deadline:
+                self._next_deadline = self.ledger.expire(now)
+                self.ledger.settle()
+
+    def cancel(self, request_id: int, reason: str = "cancelled") -> bool:
+        """Cancel a request: it ends with an error saying ``reason``, its queued frames
+        are dropped and the instances holding its inputs are told to stop (design
+        invariant 4: it still ends explicitly). Returns False when it had already ended."""
+        req = self.ledger.fail(request_id, reason, status="cancelled")
+        self.ledger.settle()
+        return req is not None
+
+    def _finished(self, outcome: RequestOutcome) -> None:
+        if outcome.traced:
+            rec = self.tracer.running.get(outcome.request_id)
+            if rec is not None:
+                self.tracer.finish(rec, outcome.status, outcome.error)
+        self.outcomes.append(outcome)
+        for observe in self._observers:
+            observe(outcome)
+
+    def request_timeline(self, request_id: int) -> dict[str, Any] | None:
+        """What the runtime knows of a request: its state and timings and, when it was
+        traced, every hop and span (``TraceRecord.as_dict``); None when it is unknown
+        (never admitted, or forgotten: recent and slowest requests are kept)."""
+        req = self.requests.get(request_id)
+        outcome = next((o for o in reversed(self.outcomes) if o.request_id == request_id), None)
+        if req is None and outcome is None and self.tracer.get(request_id) is None:
+            return None
+        body: dict[str, Any] = {"request_id": request_id}
+        if req is not None:
+            now = trio.current_time()
+            body.update(
+                state="running",
+                elapsed_s=round(now - req.admitted_at, 6),
+                results=req.results,
+                time_to_first_result_s=(
+                    round(req.first_result_at - req.admitted_at, 6)
+                    if req.first_result_at is not None
+                    else None
+                ),
+                deadline_in_s=(round(req.deadline - now, 6) if req.deadline != math.inf else None),
+            )
+        elif outcome is not None:
+            ttfr = outcome.time_to_first_result
+            body.update(
+                state=outcome.status,
+                latency_s=round(outcome.latency, 6),
+                results=outcome.results,
+                time_to_first_result_s=round(ttfr, 6) if ttfr is not None else None,
+                error=outcome.error or None,
+            )
+        rec = self.tracer.get(request_id)
+        body["trace"] = rec.as_dict() if rec is not None else None
+        return body
+
+    def recent_requests(self, limit: int = 100) -> list[RequestOutcome]:
+        """The most recent finished requests, newest first."""
+        return list(reversed(self.outcomes))[:limit]
+
+    def slowest_requests(self, limit: int = 20) -> list[RequestOutcome]:
+        """The slowest of the recent finished requests, slowest first."""
+        return sorted(self.outcomes, key=lambda o: o.latency, reverse=True)[:limit]
+
+    def add_request_observer(self, observe: Callable[[RequestOutcome], None]) -> None:
+        """Call ``observe(outcome)`` for every request that ends from now on (the control
+        plane's latency metrics). It must not block or raise."""
+        self._observers.append(observe)
 
     def _ingress(self, req: Request, payload: bytes) -> None:
         frame = encode(
@@ -317,14 +463,18 @@ class Runtime:
             [req.rid],
             self.pipeline.input,
             payload,
+            flags=FrameFlags.TRACED if req.trace is not None else 0,
             max_frame_size=self.limits.max_frame_size,
         )
         self.relay.ingress(req, frame)
 
-    async def submit(self, payload: bytes) -> AsyncIterator[RequestEvent]:
-        """In-process ingress (the HTTP control plane uses it). See RuntimeCommands."""
+    async def submit(
+        self, payload: bytes, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> AsyncIterator[RequestEvent]:
+        """In-process ingress (the HTTP control plane uses it). See RuntimeCommands.
+        Closing the iterator before ``done`` or ``error`` cancels the request."""
         sink = LocalSink()
-        req = self._admit(sink, payload)
+        req = self._admit(sink, payload, timeout=timeout, traceparent=traceparent)
         try:
             self._ingress(req, payload)
             yield RequestEvent("accepted", req.rid, time=trio.current_time())
@@ -338,6 +488,9 @@ class Runtime:
         finally:
             if req.sink is sink:
                 req.sink = None
+                if self.requests.get(req.rid) is req:
+                    self.ledger.fail(req.rid, "its consumer went away", status="cancelled")
+                    self.ledger.settle()
 
     def fail_request(self, rid: int, message: str) -> None:
         """End a request with an error naming its cause; its later frames are discarded."""
@@ -361,6 +514,11 @@ class Runtime:
         KeyError (unknown stage), ValueError (below 1 or past a limit), AltoError (no
         launcher)."""
         self.supervisor.scale(stage, instances)
+
+    def _autoscale(self, stage: str, instances: int, reason: str) -> None:
+        if self.supervisor.closing or self.supervisor.launcher is None:
+            return
+        self.supervisor.scale(stage, instances, by="autoscaler", reason=reason)
 
     async def drain(self, instance_id: int) -> None:
         """Drain one instance (KeyError: unknown; ValueError: its stage's last)."""
@@ -407,6 +565,17 @@ class Runtime:
                 frames_processed=s.frames_processed,
                 errors=s.errors,
                 max_instances=s.max_instances,
+                autoscale=(
+                    (policy.min, policy.max)
+                    if (policy := self.supervisor.autoscaled.get(s.name)) is not None
+                    else None
+                ),
+                metrics=tuple(
+                    HistogramSnapshot(
+                        name, BUCKETS[name], tuple(h["buckets"]), h["sum"], h["count"]
+                    )
+                    for name, h in sorted(s.metrics.items())
+                ),
             )
             for s in self.topology.by_index
         )
@@ -421,9 +590,12 @@ class Runtime:
             requests_completed=ledger.completed,
             requests_failed=ledger.failed,
             requests_refused=ledger.refused,
+            requests_cancelled=ledger.cancelled,
+            requests_timed_out=ledger.timed_out,
             frames_relayed=self.relay.frames_relayed,
             max_inflight_requests=self.limits.max_inflight_requests,
             scale_events=self.supervisor.scale_events,
+            scale_log=tuple(self.supervisor.scale_log),
             edges=self.pipeline.edges(),
             frames_discarded=self.relay.frames_discarded,
             frames_retried=self.relay.frames_retried,
@@ -442,3 +614,46 @@ class Runtime:
 
 def _refusal(message: str) -> bytes:
     return encode(FrameKind.REFUSED, [0], payload=message.encode())
+
+
+def check_timeout(timeout: object) -> float:
+    """A request timeout in seconds: a positive number up to a day. Raises ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"timeout must be in (0, {MAX_TIMEOUT_SECONDS:g}] seconds, got {timeout!r}"
+        )
+    return float(timeout)
+
+
+_MAX_OPTIONS = 4096  # bytes of a SUBMIT's options
+
+
+def parse_request_options(raw: bytes) -> dict[str, Any]:
+    """The options a client sent with SUBMIT (see ``FrameKind.SUBMIT``): ``timeout``
+    (seconds) and ``traceparent`` (W3C). Raises ValueError naming what is wrong."""
+    if not raw:
+        return {}
+    if len(raw) > _MAX_OPTIONS:
+        raise ValueError(f"request options of {len(raw)} bytes; the limit is {_MAX_OPTIONS}")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"request options are not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("request options must be a JSON object")
+    unknown = set(body) - {"timeout", "traceparent"}
+    if unknown:
+        raise ValueError(
+            f"unknown request option(s) {', '.join(sorted(unknown))}; allowed: timeout, traceparent"
+        )
+    out: dict[str, Any] = {}
+    if body.get("timeout") is not None:
+        out["timeout"] = check_timeout(body["timeout"])
+    tp = body.get("traceparent")
+    if tp is not None:
+        if not isinstance(tp, str) or len(tp) > 256:
+            raise ValueError("traceparent must be a string (W3C trace context)")
+        out["traceparent"] = tp
+    return out

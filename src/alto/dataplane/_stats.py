@@ -39,6 +39,18 @@ class InstanceStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """A cumulative histogram the instances of a stage reported (see ``alto._telemetry``):
+    ``buckets[i]`` counts observations <= ``bounds[i]``, the last one the rest."""
+
+    name: str
+    bounds: tuple[float, ...]
+    buckets: tuple[int, ...]
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class StageStatistics:
     name: str
     scheduler: str
@@ -52,6 +64,8 @@ class StageStatistics:
     frames_processed: int
     errors: int
     max_instances: int = 0  # the most instances the stage may have (0: not reported)
+    metrics: tuple[HistogramSnapshot, ...] = ()  # what its instances measured
+    autoscale: tuple[int, int] | None = None  # (min, max) when the runtime scales it
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +85,9 @@ class RuntimeStatistics:
     edges: tuple[tuple[str, str, str], ...] = field(
         default=()
     )  # (from stage or "ingress", queue, to stage or "sink")
+    requests_cancelled: int = 0  # ended because nobody waited for them any more
+    requests_timed_out: int = 0  # failed because their deadline passed (also in failed)
+    scale_log: tuple[ScaleEvent, ...] = ()  # the most recent scale events, oldest first
     frames_discarded: int = 0  # frames of requests that had already ended
     frames_retried: int = 0  # inputs of crashed idempotent instances sent again
     restarts: int = 0  # crashed instances replaced
@@ -93,6 +110,48 @@ class RequestEvent:
     payload: bytes = b""
     message: str = ""
     time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    """A change of a stage's target number of instances, and who made it why."""
+
+    time: float  # trio.current_time()
+    stage: str
+    from_instances: int
+    to_instances: int
+    by: str  # "operator" (API, CLI, dashboard) or "autoscaler"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How one request ended, whichever door it came through.
+
+    ``status``: ``done``, ``failed``, ``cancelled`` (its client went away or cancelled
+    it) or ``timed_out`` (its deadline passed). Times are the runtime's clock
+    (``trio.current_time()``); ``first_result_at`` is None when no result reached its
+    client.
+    """
+
+    request_id: int
+    status: str
+    admitted_at: float
+    first_result_at: float | None
+    finished_at: float
+    results: int
+    error: str = ""
+    traced: bool = False
+
+    @property
+    def latency(self) -> float:
+        return self.finished_at - self.admitted_at
+
+    @property
+    def time_to_first_result(self) -> float | None:
+        if self.first_result_at is None:
+            return None
+        return self.first_result_at - self.admitted_at
 
 
 class RuntimeCommands(Protocol):

@@ -42,13 +42,14 @@ import trio
 
 from .._config import DeploymentConfig
 from .._errors import AltoError, truncate_error
+from ._autoscaler import AutoscalePolicy
 from ._connections import Conn
 from ._frames import FrameKind, encode
 from ._launcher import Launcher
 from ._ledger import Ledger
 from ._relay import Relay
 from ._schedulers import NoInstanceError
-from ._stats import InstanceState
+from ._stats import InstanceState, ScaleEvent
 from ._topology import Instance, Stage, Topology
 
 log = logging.getLogger("alto.runtime")
@@ -58,10 +59,15 @@ __all__ = ["MAX_RESTARTS", "RESTART_WINDOW", "Supervisor"]
 MAX_RESTARTS = 5  # crashes of one stage within RESTART_WINDOW before it is not replaced
 RESTART_WINDOW = 60.0
 ENDED_HISTORY = 16  # ended instances of a stage kept in the statistics
+SCALE_LOG = 64  # scale events kept in the statistics
 
 
 class Refused(Exception):
     """A registration the runtime does not accept; the message goes back to the peer."""
+
+
+class ScaleConflict(ValueError):
+    """A manual scale of a stage that the autoscaler owns (HTTP 409)."""
 
 
 class Supervisor:
@@ -88,6 +94,8 @@ class Supervisor:
         self.scale_events = 0
         self._changed = trio.Event()  # set (and replaced) whenever an instance changes state
         self._failed_starts: list[Instance] = []  # not yet reported by wait_ready()
+        self.autoscaled: dict[str, AutoscalePolicy] = {}  # stages the autoscaler owns
+        self.scale_log: deque[ScaleEvent] = deque(maxlen=SCALE_LOG)
         # Idempotent retries waiting for an instance of their stage (stage index -> frames).
         self._pending: dict[int, deque[bytes]] = {}
 
@@ -377,23 +385,40 @@ class Supervisor:
                 f"{others} run for other stages, so {st.name!r} can have at most {self.max_processes - others}"
             )
 
-    def scale(self, stage: str, instances: int) -> int:
+    def scale(self, stage: str, instances: int, *, by: str = "operator", reason: str = "") -> int:
         """Set ``stage``'s target to ``instances`` and start or drain instances to reach it.
 
         Returns at once with the new target: new instances start in the background (their
-        records are ``starting`` from now on), surplus ones drain. Raises KeyError for an
-        unknown stage, ValueError for a count below 1 or past a limit, AltoError when the
-        runtime has no launcher to start instances with.
+        records are ``starting`` from now on), surplus ones drain. ``by`` and ``reason``
+        go to the scale log. Raises KeyError for an unknown stage, ValueError for a count
+        below 1 or past a limit, ScaleConflict (a ValueError) when an operator scales an
+        autoscaled stage, AltoError when the runtime has no launcher.
         """
         if stage not in self.topology.stages:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(self.topology.stages)}")
         if not isinstance(instances, int) or isinstance(instances, bool) or instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
+        policy = self.autoscaled.get(stage)
+        if policy is not None and by != "autoscaler":
+            raise ScaleConflict(
+                f"stage {stage!r} is autoscaled between {policy.min} and {policy.max} instances; "
+                f"change [stages.{stage}.autoscale] in the deployment file to scale it by hand"
+            )
         st = self.topology.stages[stage]
         self._check_bounds(st, instances)
         active = self.active(st)
         if instances > len(active) and (self.launcher is None or self.nursery is None):
             raise AltoError("this runtime has no launcher: start instances yourself")
+        if instances != st.target_instances or instances != len(active):
+            self.scale_log.append(
+                ScaleEvent(
+                    trio.current_time(), stage, len(active), instances, by, reason or "asked"
+                )
+            )
+            log.info(
+                "scaling %s from %d to %d instances (%s: %s)",
+                stage, len(active), instances, by, reason or "asked",
+            )  # fmt: skip
         st.target_instances = instances
         if instances > len(active):
             for _ in range(instances - len(active)):
@@ -421,12 +446,28 @@ class Supervisor:
             raise KeyError(f"unknown instance {instance_id}")
         if inst.active:
             active = self.active(inst.stage)
+            policy = self.autoscaled.get(inst.stage.name)
+            if policy is not None and len(active) <= policy.min:
+                raise ScaleConflict(
+                    f"instance {instance_id} is one of the {policy.min} that autoscaled stage "
+                    f"{inst.stage.name!r} keeps at least"
+                )
             if len(active) <= 1:
                 raise ValueError(
                     f"instance {instance_id} is the last of stage {inst.stage.name!r}; "
                     "scale the stage up before draining it"
                 )
             self.scale_events += 1
+            self.scale_log.append(
+                ScaleEvent(
+                    trio.current_time(),
+                    inst.stage.name,
+                    len(active),
+                    len(active) - 1,
+                    "operator",
+                    f"drained instance {instance_id}",
+                )
+            )
             inst.stage.target_instances = len(active) - 1
             self._begin_drain(inst)
 

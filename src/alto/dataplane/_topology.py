@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -63,6 +64,9 @@ class Stage:
         self.crash_times: list[float] = []
         self.frames_processed = 0
         self.errors = 0
+        # Histograms the instances report (STATS frames), cumulative: name -> {buckets,
+        # sum, count}; see alto._telemetry.
+        self.metrics: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"<Stage {self.name}>"

@@ -142,10 +142,17 @@ class _LMStage:
         if self.engine is not None:
             await self.engine.aclose()
 
-    def _gen(self, prompt: str, stop: list[str], key: str) -> Any:
+    def _gen(self, prompt: str, stop: list[str], key: str, ctx: Context) -> Any:
+        """The engine's stream for ``prompt``, measured by the SDK (time to first token,
+        time per output token, token counts: ``ctx.tokens``)."""
         assert self.engine is not None, "setup() did not run"
-        return self.engine.generate(
-            prompt, GenerationParams(max_tokens=self.max_tokens, stop=tuple(stop)), prompt_key=key
+        return ctx.tokens(
+            self.engine.generate(
+                prompt,
+                GenerationParams(max_tokens=self.max_tokens, stop=tuple(stop)),
+                prompt_key=key,
+            ),
+            input_tokens=len(prompt.split()),
         )
 
 
@@ -163,7 +170,7 @@ class AnswerQuestion(_LMStage):
     async def process(self, q: Question, ctx: Context) -> None:
         text = ""
         async with aclosing(
-            self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY)
+            self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY, ctx)
         ) as gen:
             async for piece in gen:
                 text += piece
@@ -197,7 +204,7 @@ class ExtractClaims(_LMStage):
 
         pending = ""
         full = ""
-        async with aclosing(self._gen(prompt, ["\n\n", "Text:"], CLAIMS_KEY)) as gen:
+        async with aclosing(self._gen(prompt, ["\n\n", "Text:"], CLAIMS_KEY, ctx)) as gen:
             async for piece in gen:
                 full += piece
                 if not self.stream:
@@ -221,12 +228,12 @@ class GenerateQueries(_LMStage):
         prompt = QUERIES_PROMPT.format(claim=c.text)
         if not self.stream:
             pieces: list[str] = []
-            async with aclosing(self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY)) as gen:
+            async with aclosing(self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY, ctx)) as gen:
                 async for piece in gen:
                     pieces.append(piece)
             await self._write_queries(c, ctx, _as_async(pieces))
             return
-        await self._write_queries(c, ctx, self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY))
+        await self._write_queries(c, ctx, self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY, ctx))
 
     async def _write_queries(self, c: Claim, ctx: Context, pieces: Any) -> None:
         """One child stream per query line; every token of the line goes into it."""
@@ -308,6 +315,11 @@ class StreamingBM25:
         q.add_token(tok.text)
         claim, text = self.texts[g]
         self.texts[g] = (claim, text + tok.text)
+
+    async def group_cancelled(self, ctx: Context) -> None:
+        """The query's request was cancelled: forget its partial scores."""
+        self.queries.pop(ctx.key_path, None)
+        self.texts.pop(ctx.key_path, None)
 
     async def group_closed(self, ctx: Context) -> None:
         q = self.queries.pop(ctx.key_path, None)
