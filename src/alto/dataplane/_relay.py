@@ -138,13 +138,13 @@ class Relay:
             if off:
                 buf[: end - off] = buf[off:end]
                 end -= off
-            if end >= 4:
-                need = frame_size(buf, 0)
-                if need > len(buf):  # a frame larger than the buffer: grow for it
-                    buf.extend(bytes(need - len(buf)))
-            if len(buf) > RECV_SIZE and end <= RECV_SIZE:
-                # ... and shrink back once it is through, so that one large frame does not
-                # hold max_frame_size bytes for the life of the connection.
+            need = frame_size(buf, 0) if end >= 4 else 0
+            if need > len(buf):  # a frame larger than the buffer: grow for it
+                buf.extend(bytes(need - len(buf)))
+            elif len(buf) > RECV_SIZE and end <= RECV_SIZE and need <= RECV_SIZE:
+                # ... and shrink back once it is through (never while it is pending: the
+                # next receive would get no room and read as EOF), so that one large frame
+                # does not hold max_frame_size bytes for the life of the connection.
                 del buf[RECV_SIZE:]
             ledger.settle()
             if self.overfull:
