@@ -459,3 +459,23 @@ class FacToolFakeRuntime(FakeRuntime):
             else:
                 self.failed += 1
             self._reap()
+
+
+# -- instance life cycle, for the probes -----------------------------------------------------
+
+
+def crash_instance(fake: FakeRuntime, instance_id: int, error: str) -> None:
+    """The instance ends on its own, as a crashed process does: it leaves its stage and
+    keeps its last error (the runtime keeps crashed instances in its statistics)."""
+    inst = fake.instances[instance_id]
+    inst.state = InstanceState.CRASHED
+    inst.last_error = error
+    fake.stages[inst.stage].instances.remove(instance_id)
+
+
+def start_instance(fake: FakeRuntime, stage: str) -> int:
+    """A new instance of ``stage`` in the STARTING state (spawned, not registered yet)."""
+    fake._add_instance(fake.stages[stage])
+    iid = max(fake.instances)
+    fake.instances[iid].state = InstanceState.STARTING
+    return iid

@@ -27,7 +27,7 @@ from alto.control import DEFAULT_HTTP_PORT, create_app, serve_control
 from alto.control import _cli as cli
 from alto.control._app import _is_loopback
 from alto.control._metrics import open_registry, percentile
-from alto.control._stream import StatsHub
+from alto.control._stream import KEEPALIVE, KeepaliveBody, StatsHub, stats_events
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -314,20 +314,20 @@ async def test_metrics(server: Server) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     families = _metrics(response.text)
-    depth = families["alto_queue_depth"]
-    assert {(s.labels["stage"], s.labels["instance"]) for s in depth.samples} == {
+    depth = families["alto_instance_queue_depth_frames"]
+    assert {(s.labels["stage"], s.labels["instance_id"]) for s in depth.samples} == {
         ("split", "1"),
         ("score", "2"),
         ("score", "3"),
         ("sum", "4"),
     }
-    assert {s.labels["instance"] for s in families["alto_instance_credits"].samples} == {
+    assert {s.labels["instance_id"] for s in families["alto_instance_credits_frames"].samples} == {
         "1",
         "2",
         "3",
         "4",
     }
-    assert "alto_open_groups" in families
+    assert "alto_instance_open_groups" in families
     assert families["alto_requests_in_flight"].samples[0].value == 0
     requests = {
         s.labels["status"]: s.value
@@ -335,8 +335,8 @@ async def test_metrics(server: Server) -> None:
         if s.name == "alto_requests_total"
     }
     assert requests == {"submitted": 1, "completed": 1, "failed": 0, "refused": 0}
-    relayed = families["alto_frames_relayed"].samples[0]
-    assert relayed.name == "alto_frames_relayed_total" and relayed.value == 12
+    relayed = families["alto_relayed_frames"].samples[0]
+    assert relayed.name == "alto_relayed_frames_total" and relayed.value == 12
     assert "alto_scale_events" in families
     assert {s.labels["stage"] for s in families["alto_stage_errors"].samples} == {
         "split",
@@ -674,3 +674,153 @@ async def test_cli_unreachable_exits_2(call: Any) -> None:
     code, _, err = await _cli(call, f"http://127.0.0.1:{_closed_port()}")
     assert code == 2
     assert "cannot reach" in err
+
+
+# -- SSE keepalive ---------------------------------------------------------------------
+
+
+async def _raw_sse_lines(
+    client: httpx.AsyncClient, method: str, path: str, until: Any, **kwargs: Any
+) -> list[str]:
+    """The lines of an SSE response as sent (comments included) until ``until(lines)``."""
+    lines: list[str] = []
+    async with client.stream(method, path, **kwargs) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if until(lines):
+                break
+    return lines
+
+
+async def test_stream_sends_keepalive_comments_while_idle(nursery: trio.Nursery) -> None:
+    # A stats interval far longer than the keepalive: between events only comments flow.
+    port: int = await nursery.start(
+        partial(
+            serve_control, FakeRuntime(), "127.0.0.1", 0, stream_interval=30, sse_keepalive=0.02
+        )
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        with trio.fail_after(10):
+            lines = await _raw_sse_lines(
+                client, "GET", "/api/stream", lambda ls: ls.count(": keepalive") == 3
+            )
+    assert lines[:3] == ["retry: 2000", "event: stats", "id: 1"]
+    assert lines[3].startswith("data: {")
+    # After the first event: keepalive comments, each its own block, and no other event.
+    assert lines[4:] == ["", ": keepalive", "", ": keepalive", "", ": keepalive"]
+
+
+async def test_ingress_stream_sends_keepalive_while_a_stage_works(nursery: trio.Nursery) -> None:
+    fake = FakeRuntime(step_delay=0.1)  # three stages: 0.3 s before the first result
+    port: int = await nursery.start(
+        partial(serve_control, fake, "127.0.0.1", 0, token=TOKEN, sse_keepalive=0.02)
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        with trio.fail_after(10):
+            lines = await _raw_sse_lines(
+                client,
+                "POST",
+                REQUESTS,
+                lambda ls: ls[-1].startswith("event: done"),
+                json={"text": "a bb"},
+                headers=AUTH,
+            )
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    assert events == ["accepted", "result", "result", "done"]
+    first_result = lines.index("event: result")
+    assert ": keepalive" in lines[:first_result]  # the silence before the first result
+    assert fake.completed == 1 and fake.in_flight == 0
+
+
+async def test_keepalive_body_fills_silence(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        yield b"one"
+        await trio.sleep(40)
+        yield b"two"
+
+    body = KeepaliveBody(source(), 15.0, nursery)
+    got = [chunk async for chunk in body]
+    assert got == [b"one", KEEPALIVE, KEEPALIVE, b"two"]  # at 0, 15, 30 and 40 s
+    await body.aclose()
+
+
+class _Source:
+    """A result stream that records being closed, and blocks until told to go on."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.closed = False
+        self.sent = 0
+        self.fail = fail
+
+    def __aiter__(self) -> _Source:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.sent:
+            if self.fail is not None:
+                raise self.fail
+            await trio.sleep_forever()
+        self.sent += 1
+        return b"first"
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_keepalive_body_closes_its_source(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    never_read = _Source()
+    await KeepaliveBody(never_read, 15.0, nursery).aclose()
+    assert never_read.closed  # closed although iteration never started
+
+    source = _Source()
+    body = KeepaliveBody(source, 15.0, nursery)
+    assert await body.__anext__() == b"first"
+    assert await body.__anext__() == KEEPALIVE  # the source blocks: its helper waits in it
+    await body.aclose()  # the client went away
+    assert source.closed
+    with pytest.raises(StopAsyncIteration):
+        await body.__anext__()
+
+
+async def test_keepalive_body_raises_what_its_source_raised(nursery: trio.Nursery) -> None:
+    source = _Source(fail=RuntimeError("the stream broke"))
+    body = KeepaliveBody(source, 15.0, nursery)
+    assert await body.__anext__() == b"first"
+    with pytest.raises(RuntimeError, match="the stream broke"):
+        await body.__anext__()
+    assert source.closed
+
+
+async def test_stats_events_keepalive(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeRuntime()
+    _registry, ingress = open_registry(fake)
+    hub = StatsHub(fake, ingress, 60.0)  # no sampler runs: events come from sample() alone
+    events = stats_events(hub, 15.0)
+    first = await events.__anext__()
+    assert first.startswith(b"retry: 2000\nevent: stats\nid: 1\n")
+    assert await events.__anext__() == KEEPALIVE
+    assert await events.__anext__() == KEEPALIVE
+    hub.sample()
+    assert (await events.__anext__()).startswith(b"event: stats\nid: 2\n")
+    await events.aclose()
+
+
+@pytest.mark.parametrize("value", [0, -1, 600.5, float("nan"), True, "15"])
+def test_sse_keepalive_bounds(value: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"sse keepalive must be a number of seconds in \(0, 600\]"
+    ):
+        create_app(FakeRuntime(), sse_keepalive=value)
+
+
+@pytest.mark.parametrize("value", [0, 60.5, float("inf")])
+def test_stream_interval_bounds(value: float) -> None:
+    with pytest.raises(
+        ValueError, match=r"stream_interval must be a number of seconds in \(0, 60\]"
+    ):
+        create_app(FakeRuntime(), stream_interval=value)

@@ -622,7 +622,7 @@ async def test_metrics_count_the_requests(tmp_path: Path) -> None:
         c = real.client
         before = metrics((await c.get("/metrics")).text)
         assert sample_value(before, "alto_requests", "alto_requests_total", status="submitted") == 0
-        assert sample_value(before, "alto_frames_relayed", "alto_frames_relayed_total") == 0
+        assert sample_value(before, "alto_relayed_frames", "alto_relayed_frames_total") == 0
 
         # While a request is generating, the generate instance holds its frame unacknowledged.
         depth_seen: list[float] = []
@@ -631,7 +631,10 @@ async def test_metrics_count_the_requests(tmp_path: Path) -> None:
                 if sse.event == "result" and not depth_seen:
                     during = metrics((await c.get("/metrics")).text)
                     depth_seen = [
-                        s.value for s in samples(during["alto_queue_depth"], stage="generate")
+                        s.value
+                        for s in samples(
+                            during["alto_instance_queue_depth_frames"], stage="generate"
+                        )
                     ]
                     inflight = "alto_requests_in_flight"
                     assert sample_value(during, inflight, inflight) == 1
@@ -680,12 +683,12 @@ async def test_metrics_count_the_requests(tmp_path: Path) -> None:
         "failed": 1,
         "refused": 0,
     }
-    relayed = sample_value(families, "alto_frames_relayed", "alto_frames_relayed_total")
+    relayed = sample_value(families, "alto_relayed_frames", "alto_relayed_frames_total")
     # each request: its input, n items, n squares, n partials, one total
     assert relayed >= sum(3 * n + 2 for n in sent) + 1, relayed
-    depth = families["alto_queue_depth"]
+    depth = families["alto_instance_queue_depth_frames"]
     assert depth.type == "gauge"
-    labels = {(s.labels["stage"], s.labels["instance"]) for s in depth.samples}
+    labels = {(s.labels["stage"], s.labels["instance_id"]) for s in depth.samples}
     assert labels == {(i["stage"], str(i["id"])) for i in instances}
     assert all(s.value == 0 for s in depth.samples)
     assert {s.labels["stage"]: s.value for s in families["alto_stage_instances"].samples} == {
@@ -693,12 +696,12 @@ async def test_metrics_count_the_requests(tmp_path: Path) -> None:
         "square": 2,
         "total": 2,
     }
-    states = {s.labels["state"] for s in families["alto_instance_state"].samples}
+    states = {s.labels["state"] for s in families["alto_instance_info"].samples}
     assert states == {"ready"}
     processed = {
         s.labels["stage"]: s.value
-        for s in families["alto_stage_frames_processed"].samples
-        if s.name == "alto_stage_frames_processed_total"
+        for s in families["alto_stage_processed_frames"].samples
+        if s.name == "alto_stage_processed_frames_total"
     }
     assert processed["square"] == sum(sent), processed
     assert processed["generate"] == len(sent) + 1

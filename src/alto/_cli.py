@@ -2,9 +2,16 @@
 
 alto serve PIPELINE.toml [--deploy DEPLOY.toml] [--tcp HOST:PORT] [--http HOST:PORT | --no-http] [--token T]
            [--launcher NAME] [--ray-address ADDR] [--tls-cert PEM --tls-key PEM] [--insecure-tcp]
+alto validate PIPELINE.toml [--deploy DEPLOY.toml]   (check both files and their imports; serve nothing)
 alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N]
 alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T [--tls-ca PEM]
-alto status | scale STAGE N | top      (talk to the HTTP control plane)
+alto status [--json] | top [--json] | scale STAGE N | drain ID   (talk to the HTTP control plane)
+alto --version
+
+Exit codes: 0 done; 1 a request failed or the server refused (HTTP error); 2 bad input, a
+configuration error or no server to talk to; 130 interrupted; 141 (128 + SIGPIPE) the
+reader of stdout went away (``alto status | head``), which ends the command quietly, as
+coreutils' commands end.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,31 @@ import trio
 from ._errors import AltoError
 
 DEFAULT_HTTP = "127.0.0.1:8470"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Bounds of the numbers the command line takes: a typo of three zeros is an error.
+MAX_CONCURRENCY = 10_000  # requests one `alto submit` keeps in flight
+MAX_SQUAD = 1_000  # SQuAD questions one `alto submit --squad` sends
+MAX_ITERATIONS = 1_000_000  # `alto top` updates (four a second: about three days)
+MAX_INSTANCE_ID = (1 << 63) - 1
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high``, else an error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer in {low}..{high}, not {text!r}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, not {value}")
+        return value
+
+    return parse
 
 
 def _pipeline_name(arg: str) -> str:
@@ -62,6 +96,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             tls_ca=args.tls_ca,
             insecure_tcp=args.insecure_tcp,
         )
+    )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Check the pipeline and deployment files and import what they name, as ``alto
+    serve`` does before it spawns anything; print one line of summary."""
+    from ._config import check_imports, load_deployment, load_pipeline
+
+    pipeline = load_pipeline(args.pipeline)
+    deployment = load_deployment(args.deploy, pipeline)
+    try:
+        check_imports(pipeline)
+    except AltoError:
+        raise
+    except Exception as exc:  # an entry's constructor may raise anything: still one line
+        raise AltoError(
+            f"{pipeline.path}: building the stages' entries failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    instances = ", ".join(f"{name} {deployment.instances(name)}" for name in pipeline.stages)
+    n_stages, n_queues = len(pipeline.stages), len(pipeline.queues)
+    print(
+        f"ok: pipeline {pipeline.name!r}: {n_stages} stage{'s' if n_stages != 1 else ''}, "
+        f"{n_queues} queue{'s' if n_queues != 1 else ''}; instances: {instances} "
+        f"({pipeline.path}, {deployment.path})"
     )
     return 0
 
@@ -194,7 +253,7 @@ def _http_url(args: argparse.Namespace) -> str:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .control import _cli as c
 
-    return c.status(_http_url(args), args.token)
+    return c.status(_http_url(args), args.token, json_output=args.json)
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
@@ -212,14 +271,22 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 def _cmd_top(args: argparse.Namespace) -> int:
     from .control import _cli as c
 
-    return c.top(_http_url(args), args.token, args.iterations)
+    return c.top(_http_url(args), args.token, args.iterations, json_output=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from ._config import MAX_INSTANCES
+
     p = argparse.ArgumentParser(
         prog="alto", description="Serve compound AI pipelines with partial-output streaming."
     )
-    p.add_argument("--log-level", default=os.environ.get("ALTO_LOG_LEVEL", "INFO"))
+    p.add_argument("--version", action="version", version=f"alto {__version__}")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("ALTO_LOG_LEVEL", "INFO"),
+        help=f"one of {', '.join(LOG_LEVELS)} (default: ALTO_LOG_LEVEL, else INFO)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(
@@ -262,13 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=_cmd_serve)
 
+    s = sub.add_parser(
+        "validate",
+        help="check a pipeline and deployment file and import their entries, without serving",
+    )
+    s.add_argument("pipeline", help="pipeline file (TOML)")
+    s.add_argument("--deploy", help="deployment file (TOML; default: one instance per stage)")
+    s.set_defaults(fn=_cmd_validate)
+
     s = sub.add_parser("submit", help="submit requests and stream their results as JSON lines")
     s.add_argument("pipeline", help="pipeline name or file")
     s.add_argument("inputs", nargs="*", help="JSON inputs (the input queue's message as JSON)")
     s.add_argument("--file", help="a JSON-lines file of inputs")
     s.add_argument(
         "--squad",
-        type=int,
+        type=_int_in(0, MAX_SQUAD),
         default=0,
         metavar="N",
         help="also submit N SQuAD dev questions (FacTool's input type)",
@@ -276,7 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--pretty", action="store_true", help="one readable line per result instead of JSON"
     )
-    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument(
+        "--concurrency",
+        type=_int_in(1, MAX_CONCURRENCY),
+        default=16,
+        help="requests in flight at once (default 16)",
+    )
     s.add_argument("--address", help="unix:/path or HOST:PORT (default: the discovery file)")
     s.add_argument("--token", default=None)
     s.add_argument(
@@ -303,17 +383,28 @@ def build_parser() -> argparse.ArgumentParser:
             "--url", help=f"control plane URL (default ALTO_URL or http://{DEFAULT_HTTP})"
         )
         s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
+        s.add_argument(
+            "--json",
+            action="store_true",
+            help="machine-readable: one JSON object per line"
+            + (" (one per update)" if name == "top" else ""),
+        )
         if name == "top":
-            s.add_argument("--iterations", type=int, default=None, help="stop after N updates")
+            s.add_argument(
+                "--iterations",
+                type=_int_in(1, MAX_ITERATIONS),
+                default=None,
+                help="stop after N updates",
+            )
         s.set_defaults(fn=fn)
     s = sub.add_parser("scale", help="set a stage's instance count")
     s.add_argument("stage")
-    s.add_argument("instances", type=int)
+    s.add_argument("instances", type=_int_in(1, MAX_INSTANCES))
     s.add_argument("--url")
     s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
     s.set_defaults(fn=_cmd_scale)
     s = sub.add_parser("drain", help="drain one instance (finish its pinned groups, then stop it)")
-    s.add_argument("instance", type=int)
+    s.add_argument("instance", type=_int_in(0, MAX_INSTANCE_ID))
     s.add_argument("--url")
     s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
     s.set_defaults(fn=_cmd_drain)
@@ -327,8 +418,56 @@ def _leaves(group: BaseExceptionGroup[AltoError]) -> list[AltoError]:
     return out
 
 
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``alto status | head``): end quietly.
+
+    Python ignores SIGPIPE, so a write to the closed pipe raises BrokenPipeError; restoring
+    the default action instead would also let a write to a closed socket kill ``alto
+    serve``. This is the recipe of Python's ``signal`` documentation ("Note on SIGPIPE"):
+    point stdout at /dev/null, so that the interpreter's last flush at exit does not raise
+    again, and exit with the status a shell reports for a command that SIGPIPE ended.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured, closed)
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        code: int = args.fn(args)
+    except AltoError as exc:
+        print(f"alto: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # raised inside a nursery (Trio wraps errors)
+        if group.subgroup(BrokenPipeError) is not None:
+            return _stdout_gone()
+        alto_errors, rest = group.split(AltoError)
+        if rest is not None or alto_errors is None:
+            raise
+        first = _leaves(alto_errors)[0]
+        print(f"alto: error: {first}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    try:
+        sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
+    except BrokenPipeError:
+        return _stdout_gone()
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level.upper() not in LOG_LEVELS:
+        parser.error(
+            f"--log-level (or ALTO_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}, "
+            f"not {args.log_level!r}"
+        )
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -336,17 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call is noise here
     try:
-        code = args.fn(args)
-    except AltoError as exc:
-        print(f"alto: error: {exc}", file=sys.stderr)
-        code = 2
-    except BaseExceptionGroup as group:  # raised inside a nursery (Trio wraps errors)
-        alto_errors, rest = group.split(AltoError)
-        if rest is not None or alto_errors is None:
-            raise
-        first = _leaves(alto_errors)[0]
-        print(f"alto: error: {first}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        code = 130
+        code = _run(args)
+    except BrokenPipeError:
+        code = _stdout_gone()
     sys.exit(code)

@@ -9,11 +9,14 @@ Endpoints (``GET /openapi.json`` describes them):
 
 - ``GET /api/pipeline``, ``GET /api/instances``: JSON status.
 - ``GET /api/stream``: Server-Sent Events, one ``stats`` event per ``stream_interval``
-  (see :mod:`alto.control._stream` for how slow clients coalesce).
+  (see :mod:`alto.control._stream` for how slow clients coalesce). Both SSE streams send a
+  ``: keepalive`` comment after ``sse_keepalive`` seconds without an event.
 - ``POST /api/stages/{stage}/scale``, ``POST /api/instances/{id}/drain``: commands.
 - ``POST /v1/pipelines/{name}/requests``: request ingress, results streamed back as SSE
   (or collected into one JSON answer with ``?stream=false``).
 - ``GET /metrics``: Prometheus text format.
+- ``GET /healthz``, ``GET /readyz``: liveness and readiness probes (see
+  :mod:`alto.control._probes`); never behind the token.
 - ``GET /``: the dashboard (static files from ``dashboard/``, assets under ``/dashboard/``).
 
 Mutating endpoints need ``Authorization: Bearer <token>`` when a token is configured.
@@ -64,7 +67,8 @@ from ..dataplane._stats import (
 )
 from ._metrics import IngressStats, open_registry
 from ._openapi import openapi_document
-from ._stream import StatsHub
+from ._probes import readiness
+from ._stream import DEFAULT_KEEPALIVE_S, KeepaliveBody, StatsHub, check_keepalive, stats_events
 
 __all__ = ["DEFAULT_HTTP_PORT", "create_app", "default_dashboard_dir", "serve_control"]
 
@@ -378,17 +382,21 @@ def create_app(
     token: str | None = None,
     dashboard_dir: Path | None = None,
     stream_interval: float = 0.25,
+    sse_keepalive: float = DEFAULT_KEEPALIVE_S,
 ) -> QuartTrio:
     """Build the control plane app for ``runtime``.
 
     ``token``, when given, is required as ``Authorization: Bearer <token>`` on the mutating
     endpoints. ``dashboard_dir`` overrides where the dashboard's static files are found.
+    ``sse_keepalive``: seconds of silence after which an SSE stream sends a comment line.
     The app starts its statistics sampler when it starts serving (ASGI lifespan).
 
-    Raises ValueError for an empty token or a ``stream_interval`` that is not positive.
+    Raises ValueError for an empty token, or a ``stream_interval`` or ``sse_keepalive``
+    outside its range (the message names it).
     """
     if token is not None and not token:
         raise ValueError("token must not be empty (pass None for no authentication)")
+    keepalive = check_keepalive(sse_keepalive)
     static_dir = (dashboard_dir if dashboard_dir is not None else default_dashboard_dir()).resolve()
     app = QuartTrio("alto.control")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BODY
@@ -461,17 +469,28 @@ def create_app(
 
     @app.get("/api/stream")
     async def stream() -> Response:
-        async def events() -> AsyncGenerator[bytes, None]:
-            seen = 0
-            prefix = b"retry: 2000\n"
-            while True:
-                seen, data = await hub.wait_newer(seen)
-                yield prefix + b"event: stats\nid: %d\ndata: " % seen + data + b"\n\n"
-                prefix = b""
-
-        response = Response(events(), mimetype="text/event-stream", headers=_SSE_HEADERS)
+        response = Response(
+            stats_events(hub, keepalive), mimetype="text/event-stream", headers=_SSE_HEADERS
+        )
         response.timeout = None  # an endless stream: no RESPONSE_TIMEOUT
         return response
+
+    # -- probes: never behind the token (a load balancer or kubelet has none) ------------
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        # Liveness only: answering at all is the proof; the pipeline is /readyz's business.
+        return _json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        try:
+            state = readiness(runtime.statistics())
+        except Exception as exc:
+            logger.exception("readiness: statistics() failed")
+            message = f"statistics failed: {type(exc).__name__}: {exc}"
+            return _json_response({"status": "not ready", "error": message}, 503)
+        return _json_response(state.to_json(), 200 if state.ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -554,9 +573,8 @@ def create_app(
             headers = dict(_SSE_HEADERS)
             if first.request_id:
                 headers["X-Request-Id"] = str(first.request_id)
-            response = Response(
-                _ClosingBody(body_events(), source), mimetype="text/event-stream", headers=headers
-            )
+            body = KeepaliveBody(_ClosingBody(body_events(), source), keepalive, app.nursery)
+            response = Response(body, mimetype="text/event-stream", headers=headers)
             response.timeout = None  # results of a long pipeline may take minutes
             return response
 
@@ -618,6 +636,7 @@ async def serve_control(
     *,
     token: str | None = None,
     stream_interval: float = 0.25,
+    sse_keepalive: float = DEFAULT_KEEPALIVE_S,
     dashboard_dir: Path | None = None,
     sock: socket.socket | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -643,7 +662,11 @@ async def serve_control(
             "token (alto serve --token ...) or bind 127.0.0.1."
         )
     app = create_app(
-        runtime, token=token, dashboard_dir=dashboard_dir, stream_interval=stream_interval
+        runtime,
+        token=token,
+        dashboard_dir=dashboard_dir,
+        stream_interval=stream_interval,
+        sse_keepalive=sse_keepalive,
     )
     config = Config()
     bind_host = f"[{host}]" if ":" in host and not host.startswith("[") else host

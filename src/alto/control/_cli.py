@@ -6,6 +6,9 @@
 - 0: done;
 - 1: the server answered with an HTTP error (its ``{"error": ...}`` message is printed);
 - 2: no control plane answered at the URL (connection refused, timeout, broken stream).
+
+With ``json_output``, ``status`` prints the ``GET /api/pipeline`` object and ``top`` one
+``stats`` event per refresh, each as one line of JSON (JSON Lines: ``jq`` reads them).
 """
 
 from __future__ import annotations
@@ -82,10 +85,20 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+def _json_line(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
 def status(
-    url: str, token: str | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+    url: str,
+    token: str | None = None,
+    *,
+    json_output: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
-    """Print the pipeline's stages and instances as tables."""
+    """Print the pipeline's stages and instances as tables (or, with ``json_output``, the
+    ``GET /api/pipeline`` object as one line of JSON)."""
     out = out if out is not None else sys.stdout
 
     def action() -> None:
@@ -93,6 +106,9 @@ def status(
             response = client.get(f"{_base(url)}/api/pipeline")
             _check(response)
             data = response.json()
+        if json_output:
+            print(_json_line(data), file=out)
+            return
         req = data["requests"]
         print(
             f"pipeline {data['pipeline']}: {req['in_flight']} in flight "
@@ -269,15 +285,17 @@ def top(
     token: str | None = None,
     iterations: int | None = None,
     *,
+    json_output: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """A live terminal view of ``GET /api/stream``, redrawn at every event.
+    """A live terminal view of ``GET /api/stream``, redrawn at every event (with
+    ``json_output``: each event's data as one line of JSON instead).
 
     ``iterations`` stops after that many events (tests); ``None`` runs until interrupted.
     """
     out = out if out is not None else sys.stdout
-    clear = "\x1b[H\x1b[2J" if out.isatty() else ""
+    clear = "\x1b[H\x1b[2J" if out.isatty() and not json_output else ""
     base = _base(url)
 
     def action() -> None:
@@ -290,8 +308,12 @@ def top(
             for event in source.iter_sse():
                 if event.event != "stats":
                     continue
-                screen = render_top(json.loads(event.data), base)
-                out.write(f"{clear}{screen}\n" if clear else f"{screen}\n\n")
+                data = json.loads(event.data)
+                if json_output:
+                    out.write(_json_line(data) + "\n")
+                else:
+                    screen = render_top(data, base)
+                    out.write(f"{clear}{screen}\n" if clear else f"{screen}\n\n")
                 out.flush()
                 shown += 1
                 if iterations is not None and shown >= iterations:

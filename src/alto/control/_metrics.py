@@ -3,30 +3,34 @@
 Two sources feed ``GET /metrics``:
 
 - :class:`RuntimeCollector` reads ``runtime.statistics()`` at scrape time and turns the
-  frozen snapshot into gauges (queue depth, credits, open groups, requests in flight) and
-  counters (frames relayed, requests by status, scale events, stage errors). The runtime
-  keeps the counts; we only translate, so a scrape never disturbs the dataplane beyond
-  one snapshot.
+  frozen snapshot into gauges (queue depth, credits, open groups, requests in flight,
+  instances per stage and their states) and counters (frames relayed, requests by status,
+  scale events, stage errors), plus ``alto_build_info``. The runtime keeps the counts; we
+  only translate, so a scrape never disturbs the dataplane beyond one snapshot.
 - :class:`IngressStats` is measured here, at the HTTP ingress: end-to-end latency and time
   to first result, as Prometheus histograms and as a bounded window of recent samples from
   which the live stream reports p50/p99.
 
 Each app gets its own :class:`prometheus_client.CollectorRegistry`, so two apps in one
-process (tests do this) never collide on metric names.
+process (tests do this) never collide on metric names; it also carries prometheus_client's
+process and platform collectors (``process_*``, ``python_info``) of the serving process.
+The Grafana dashboard in ``docs/grafana/alto.json`` queries only these names (a test keeps
+it so).
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..dataplane._stats import InstanceState, RuntimeCommands
+from ..dataplane._stats import InstanceState, RuntimeCommands, RuntimeStatistics
 
 # Buckets for whole-pipeline latencies: compound AI requests take from tens of
 # milliseconds (cached, small models) to minutes (long generations); prometheus_client's
@@ -117,100 +121,203 @@ class IngressStats:
 
 
 class RuntimeCollector:
-    """A custom collector: one ``runtime.statistics()`` snapshot per scrape."""
+    """A custom collector: one ``runtime.statistics()`` snapshot per scrape.
+
+    Names follow Prometheus' conventions: a counter ends in ``_total``, a quantity says its
+    unit (``_frames``, ``_seconds``, ``_bytes``) before it, and a per-instance series is
+    labelled ``instance_id``, never ``instance``: Prometheus attaches ``instance`` (the
+    scraped target) to every series, and a clash renames ours to ``exported_instance``.
+    """
 
     def __init__(self, runtime: RuntimeCommands) -> None:
         self._runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
+        from .. import __version__  # here: the package is still importing this module
+
+        build = GaugeMetricFamily(
+            "alto_build_info",
+            "Always 1: the alto version and the Python that serve this pipeline.",
+            labels=["version", "python"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
+
         stats = self._runtime.statistics()
-        live = [i for i in stats.instances if i.state is not InstanceState.STOPPED]
-        labels = ["stage", "instance"]
+        yield from _instance_metrics(stats)
+        yield from _stage_metrics(stats)
+        yield from _runtime_metrics(stats)
 
-        def per_instance(name: str, doc: str, attr: str) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            for inst in live:
-                family.add_metric([inst.stage, str(inst.instance_id)], getattr(inst, attr))
-            return family
 
-        yield per_instance(
-            "alto_queue_depth",
-            "Frames dispatched to the instance and not yet acknowledged.",
-            "queue_depth",
-        )
-        yield per_instance(
-            "alto_instance_credits",
-            "The most unacknowledged frames the instance may hold.",
-            "credits",
-        )
-        yield per_instance(
-            "alto_instance_backlog",
-            "Frames held in the runtime waiting for a credit of the instance.",
-            "backlog",
-        )
-        yield per_instance(
-            "alto_open_groups",
-            "Aggregation groups pinned to the instance.",
-            "open_groups",
-        )
-        states = GaugeMetricFamily(
-            "alto_instance_state",
-            "1 for the instance's current state.",
-            labels=[*labels, "state"],
-        )
+def _instance_metrics(stats: RuntimeStatistics) -> Iterator[Metric]:
+    live = [i for i in stats.instances if i.state is not InstanceState.STOPPED]
+    labels = ["stage", "instance_id"]
+
+    def per_instance(
+        family: GaugeMetricFamily | CounterMetricFamily, attr: str
+    ) -> GaugeMetricFamily | CounterMetricFamily:
         for inst in live:
-            states.add_metric([inst.stage, str(inst.instance_id), str(inst.state)], 1)
-        yield states
+            family.add_metric([inst.stage, str(inst.instance_id)], getattr(inst, attr))
+        return family
 
-        instances = GaugeMetricFamily(
-            "alto_stage_instances", "Instances of the stage that are not stopped.", labels=["stage"]
-        )
-        target = GaugeMetricFamily(
-            "alto_stage_target_instances", "Instances the stage is scaled to.", labels=["stage"]
-        )
-        errors = CounterMetricFamily(
-            "alto_stage_errors", "Errors raised by the stage's instances.", labels=["stage"]
-        )
-        processed = CounterMetricFamily(
-            "alto_stage_frames_processed",
-            "Frames the stage's instances processed.",
-            labels=["stage"],
-        )
-        for stage in stats.stages:
-            instances.add_metric([stage.name], len(stage.instances))
-            target.add_metric([stage.name], stage.target_instances)
-            errors.add_metric([stage.name], stage.errors)
-            processed.add_metric([stage.name], stage.frames_processed)
-        yield from (instances, target, errors, processed)
+    yield per_instance(
+        GaugeMetricFamily(
+            "alto_instance_queue_depth_frames",
+            "Frames dispatched to the instance and not yet acknowledged.",
+            labels=labels,
+        ),
+        "queue_depth",
+    )
+    yield per_instance(
+        GaugeMetricFamily(
+            "alto_instance_credits_frames",
+            "The most unacknowledged frames the instance may hold (its credits).",
+            labels=labels,
+        ),
+        "credits",
+    )
+    yield per_instance(
+        GaugeMetricFamily(
+            "alto_instance_credits_in_use_frames",
+            "Frames sent to the instance and not yet acknowledged, at most its credits.",
+            labels=labels,
+        ),
+        "credits_in_use",
+    )
+    yield per_instance(
+        GaugeMetricFamily(
+            "alto_instance_backlog_frames",
+            "Frames held in the runtime waiting for a credit of the instance.",
+            labels=labels,
+        ),
+        "backlog",
+    )
+    yield per_instance(
+        GaugeMetricFamily(
+            "alto_instance_open_groups",
+            "Aggregation groups pinned to the instance.",
+            labels=labels,
+        ),
+        "open_groups",
+    )
+    yield per_instance(
+        CounterMetricFamily(
+            "alto_instance_received_frames",
+            "Frames the runtime sent to the instance.",
+            labels=labels,
+        ),
+        "frames_out",
+    )
+    yield per_instance(
+        CounterMetricFamily(
+            "alto_instance_sent_frames",
+            "Frames the instance sent to the runtime.",
+            labels=labels,
+        ),
+        "frames_in",
+    )
+    info = GaugeMetricFamily(
+        "alto_instance_info",
+        "Always 1: an instance that is not stopped, its stage and its state "
+        "(starting, ready, draining, crashed).",
+        labels=[*labels, "state"],
+    )
+    for inst in live:
+        info.add_metric([inst.stage, str(inst.instance_id), str(inst.state)], 1)
+    yield info
 
+
+def _stage_metrics(stats: RuntimeStatistics) -> Iterator[Metric]:
+    instances = GaugeMetricFamily(
+        "alto_stage_instances", "Instances of the stage that are not stopped.", labels=["stage"]
+    )
+    ready = GaugeMetricFamily(
+        "alto_stage_ready_instances",
+        "Instances of the stage that take new work (state ready).",
+        labels=["stage"],
+    )
+    target = GaugeMetricFamily(
+        "alto_stage_target_instances", "Instances the stage is scaled to.", labels=["stage"]
+    )
+    most = GaugeMetricFamily(
+        "alto_stage_max_instances",
+        "The most instances the stage may be scaled to (its max_instances).",
+        labels=["stage"],
+    )
+    errors = CounterMetricFamily(
+        "alto_stage_errors", "Errors raised by the stage's instances.", labels=["stage"]
+    )
+    processed = CounterMetricFamily(
+        "alto_stage_processed_frames",
+        "Frames the stage's instances processed.",
+        labels=["stage"],
+    )
+    ready_count = Counter(i.stage for i in stats.instances if i.state is InstanceState.READY)
+    for stage in stats.stages:
+        instances.add_metric([stage.name], len(stage.instances))
+        ready.add_metric([stage.name], ready_count[stage.name])
+        target.add_metric([stage.name], stage.target_instances)
+        if stage.max_instances > 0:  # 0: a runtime that does not report it
+            most.add_metric([stage.name], stage.max_instances)
+        errors.add_metric([stage.name], stage.errors)
+        processed.add_metric([stage.name], stage.frames_processed)
+    yield from (instances, ready, target, most, errors, processed)
+
+
+def _runtime_metrics(stats: RuntimeStatistics) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "alto_requests_in_flight",
+        "Requests admitted and not finished.",
+        value=stats.requests_in_flight,
+    )
+    yield GaugeMetricFamily(
+        "alto_max_inflight_requests",
+        "In-flight requests past which the ingress refuses new ones (HTTP 429).",
+        value=stats.max_inflight_requests,
+    )
+    if stats.max_instances > 0:  # 0: a runtime that does not report it
         yield GaugeMetricFamily(
-            "alto_requests_in_flight",
-            "Requests admitted and not finished.",
-            value=stats.requests_in_flight,
+            "alto_max_instances",
+            "The most instance processes the runtime may run ([runtime] max_instances).",
+            value=stats.max_instances,
         )
-        yield GaugeMetricFamily(
-            "alto_max_inflight_requests",
-            "In-flight requests past which the ingress refuses new ones (HTTP 429).",
-            value=stats.max_inflight_requests,
-        )
-        requests = CounterMetricFamily(
-            "alto_requests", "Requests by outcome at the runtime.", labels=["status"]
-        )
-        requests.add_metric(["submitted"], stats.requests_submitted)
-        requests.add_metric(["completed"], stats.requests_completed)
-        requests.add_metric(["failed"], stats.requests_failed)
-        requests.add_metric(["refused"], stats.requests_refused)
-        yield requests
-        yield CounterMetricFamily(
-            "alto_frames_relayed", "Frames the runtime relayed.", value=stats.frames_relayed
-        )
-        yield CounterMetricFamily(
-            "alto_scale_events", "Scale and drain commands carried out.", value=stats.scale_events
-        )
+    requests = CounterMetricFamily(
+        "alto_requests", "Requests by outcome at the runtime.", labels=["status"]
+    )
+    requests.add_metric(["submitted"], stats.requests_submitted)
+    requests.add_metric(["completed"], stats.requests_completed)
+    requests.add_metric(["failed"], stats.requests_failed)
+    requests.add_metric(["refused"], stats.requests_refused)
+    yield requests
+    yield CounterMetricFamily(
+        "alto_relayed_frames", "Frames the runtime relayed.", value=stats.frames_relayed
+    )
+    yield CounterMetricFamily(
+        "alto_discarded_frames",
+        "Frames dropped because their request had already ended.",
+        value=stats.frames_discarded,
+    )
+    yield CounterMetricFamily(
+        "alto_retried_frames",
+        "Inputs of crashed instances of idempotent stages sent again.",
+        value=stats.frames_retried,
+    )
+    yield CounterMetricFamily(
+        "alto_instance_restarts",
+        "Crashed instances replaced by the runtime.",
+        value=stats.restarts,
+    )
+    yield CounterMetricFamily(
+        "alto_scale_events", "Scale and drain commands carried out.", value=stats.scale_events
+    )
 
 
 def open_registry(runtime: RuntimeCommands) -> tuple[CollectorRegistry, IngressStats]:
-    """A private registry with the runtime collector and the ingress histograms."""
+    """A private registry with the runtime collector, the ingress histograms, and the
+    standard ``process_*`` and ``python_info`` collectors (what prometheus_client's default
+    registry carries, which a private registry does not get on its own)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(runtime))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return registry, IngressStats(registry)

@@ -11,6 +11,13 @@ is the "latest value" broadcast of trio's memory channels with a buffer of one, 
 per-client buffer at all.
 
 A client that connects late sends the current event at once (its last-seen number is 0).
+
+Keepalive: proxies and load balancers close a connection that carries nothing for a while
+(nginx's ``proxy_read_timeout`` and AWS ALB's idle timeout default to 60 s), and an SSE
+stream may be silent much longer than that: a request whose LM stage takes minutes before
+its first result, or a stats stream with a long interval. Every SSE stream therefore sends
+a comment line (``: keepalive``, which EventSource and SSE clients ignore, per the WHATWG
+HTML standard's event stream format) after each ``keepalive`` seconds without an event.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import trio
@@ -31,6 +39,31 @@ logger = logging.getLogger("alto.control")
 # consecutive snapshots 0.25 s apart make rates that jump with every batch of frames.
 RATE_WINDOW_S = 1.0
 
+# The stats stream's interval: above a minute the dashboard is no longer live, and the rate
+# window (RATE_WINDOW_S) is shorter than one step.
+MAX_STREAM_INTERVAL_S = 60.0
+
+# 15 s, the ping interval sse-starlette and aiohttp-sse default to: well inside the 60 s
+# idle timeouts of common proxies. The bound: past 10 minutes no proxy default is met any more.
+DEFAULT_KEEPALIVE_S = 15.0
+MAX_KEEPALIVE_S = 600.0
+
+KEEPALIVE = b": keepalive\n\n"
+
+
+def check_keepalive(seconds: float) -> float:
+    """``seconds`` as a keepalive interval; raises ValueError naming the allowed range."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds <= MAX_KEEPALIVE_S
+    ):
+        raise ValueError(
+            f"sse keepalive must be a number of seconds in (0, {MAX_KEEPALIVE_S:g}], "
+            f"not {seconds!r}"
+        )
+    return float(seconds)
+
 
 def _rate(new: float, old: float, dt: float) -> float:
     return round((new - old) / dt, 3) if dt > 0 else 0.0
@@ -40,8 +73,15 @@ class StatsHub:
     """Samples the runtime and holds the latest rendered ``stats`` event."""
 
     def __init__(self, runtime: RuntimeCommands, ingress: IngressStats, interval: float) -> None:
-        if interval <= 0:
-            raise ValueError(f"stream_interval must be positive, not {interval!r}")
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not 0 < interval <= MAX_STREAM_INTERVAL_S
+        ):
+            raise ValueError(
+                f"stream_interval must be a number of seconds in (0, {MAX_STREAM_INTERVAL_S:g}], "
+                f"not {interval!r}"
+            )
         self.interval = interval
         self._runtime = runtime
         self._ingress = ingress
@@ -168,3 +208,107 @@ class StatsHub:
             except Exception:
                 logger.exception("statistics() failed; the live stream keeps the last snapshot")
             await trio.sleep(self.interval)
+
+
+async def stats_events(hub: StatsHub, keepalive: float) -> AsyncGenerator[bytes, None]:
+    """The ``GET /api/stream`` body: ``stats`` events as the hub publishes them, and a
+    keepalive comment after each ``keepalive`` seconds without one.
+
+    Waiting on the hub is safe to cancel (nothing is taken from a queue), so the timeout
+    needs no helper task; the ``yield`` stays outside the cancel scope, as trio requires
+    of async generators.
+    """
+    seen = 0
+    prefix = b"retry: 2000\n"  # reconnect after 2 s (EventSource's default is browser-chosen)
+    while True:
+        with trio.move_on_after(keepalive) as waited:
+            seen, data = await hub.wait_newer(seen)
+        if waited.cancelled_caught:
+            yield KEEPALIVE
+            continue
+        yield prefix + b"event: stats\nid: %d\ndata: " % seen + data + b"\n\n"
+        prefix = b""
+
+
+class KeepaliveBody:
+    """An SSE response body: the chunks of ``source``, and a keepalive comment after each
+    ``keepalive`` seconds without one.
+
+    ``source`` (the ingress's result events) cannot be waited on with a timeout: cancelling
+    an async generator mid-``__anext__`` ends it. So a helper task in ``nursery`` (the
+    app's) pulls from it and hands each chunk over an unbuffered channel, which keeps the
+    source's backpressure: the next event is pulled only once the last one was taken.
+    The task starts with the first ``__anext__``. :meth:`aclose` (Quart calls it when the
+    response ends or the client goes away) stops the task and closes ``source``, also when
+    iteration never started, so the runtime's result iterator is never left open.
+    """
+
+    def __init__(
+        self, source: AsyncIterator[bytes], keepalive: float, nursery: trio.Nursery
+    ) -> None:
+        self._source = source
+        self._keepalive = keepalive
+        self._nursery = nursery
+        self._send, self._receive = trio.open_memory_channel[bytes](0)
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._started = False
+        self._closed = False
+        self._error: Exception | None = None
+
+    def __aiter__(self) -> KeepaliveBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            self._nursery.start_soon(self._pump)
+        with trio.move_on_after(self._keepalive):
+            try:
+                return await self._receive.receive()
+            except trio.EndOfChannel:
+                if self._error is not None:
+                    raise self._error from None
+                raise StopAsyncIteration from None
+        return KEEPALIVE
+
+    async def _pump(self) -> None:
+        try:
+            with self._scope:
+                async for chunk in self._source:
+                    try:
+                        await self._send.send(chunk)
+                    except trio.BrokenResourceError:
+                        return  # the body was closed: nobody reads any more
+        except Exception as exc:
+            # Raised in the reader's task instead: an exception here would end the app.
+            self._error = exc
+        finally:
+            self._send.close()  # synchronous: the reader sees the error set, then the end
+            try:
+                await _aclose(self._source)
+            finally:
+                self._done.set()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._receive.close()
+        if not self._started:
+            await _aclose(self._source)
+            return
+        self._scope.cancel()
+        # The helper task ends at once once cancelled (closing the source is synchronous
+        # clean-up in the runtime); wait for it even when our caller is being cancelled,
+        # so the source is closed when aclose returns.
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+
+
+async def _aclose(iterator: Any) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
