@@ -51,15 +51,15 @@ What ``key`` means depends on the edge, and the pipeline config picks the policy
 ``prompt-cost``
     Prompt-aware routing that trades cache hits against queueing per frame, as the
     paper's section 6.2 proposes: the frame goes to the instance with the least
-    ``outstanding frames + (0 if the key is cached there else miss_cost)``, where
-    "cached" comes from a model of each instance's prefix cache that the policy keeps from
-    its own past decisions (an LRU of the last ``cache_keys`` keys it sent there), since
-    it cannot see the engines; SGLang's cache-aware router models its workers' radix
-    trees the same way. A cold template stays on the instance that has it; a hot one is
-    copied to another instance as soon as its home runs ``miss_cost`` frames above the
-    least loaded one, so it spreads over as many instances as its load needs. No frame
-    goes to an instance more than ``miss_cost`` frames above the least loaded one
-    (see :class:`PromptCost` and ``benchmarks/prompt_routing.py``).
+    expected cost, its outstanding frames plus, where the key is not cached there,
+    ``miss_cost * (outstanding + 1)`` (a miss's prefill delays every sequence batched on
+    that instance). "Cached" comes from a model of each instance's prefix cache that the
+    policy keeps from its own past decisions (an LRU of the last ``cache_keys`` keys it
+    sent there), since it cannot see the engines; SGLang's cache-aware router models its
+    workers' radix trees the same way. A cold template stays on the instance that has it;
+    a hot one is copied to another instance once its home's queue costs more than a miss
+    elsewhere, so it spreads over as many instances as its load needs (see
+    :class:`PromptCost` and ``benchmarks/prompt_routing.py``).
 
 Third-party policies subclass :class:`Scheduler` and register in the entry point group
 ``alto.schedulers`` (see ``plugins/alto-example-scheduler``); the built-ins above register
@@ -488,41 +488,49 @@ class PromptCost(Scheduler):
     shifts. This policy prices both in one unit, outstanding frames: a frame with prompt
     key ``k`` goes to the instance ``i`` minimising::
 
-        loads[i] + (0 if k is modelled as cached on i else miss_cost)
+        loads[i]                                   if k is modelled as cached on i
+        loads[i] + miss_cost * (loads[i] + 1)      otherwise
 
-    ties going to an instance that has the key, then round robin. The runtime calls it as
-    each frame is routed, so it binds on the live queue depths of that moment.
+    ties going to an instance that has the key, then round robin. A miss prefills the
+    shared prefix on ``i``, and a prefill step delays every sequence batched there (the
+    ``loads[i]`` already there and the new one), so its cost grows with that instance's
+    load; ``miss_cost`` is the prefill of the shared prefix in units of the delay one
+    more queued frame causes. The runtime calls the policy as each frame is routed, so it
+    binds on the live queue depths of that moment.
 
     The cache model. A scheduler cannot see the engines (the runtime never imports one),
     so it models each instance's prefix cache from its own decisions, as SGLang's
     cache-aware router keeps an approximate radix tree per worker: an LRU of the last
     ``cache_keys`` distinct keys it sent to that instance. The model is only a guess
     (an engine may evict sooner under memory pressure, or hold more); a wrong guess costs
-    a miss or a detour of at most ``miss_cost`` frames, never correctness.
+    a miss or a detour, never correctness.
 
     Consequences: a key seen for the first time goes to the least loaded instance and
-    stays there while that instance is within ``miss_cost`` frames of the least loaded
-    one; past that the frame goes elsewhere and the key is then cached on two instances,
-    whose loads it shares; so a hot prompt spreads over as many instances as its load
-    needs and a rare one keeps its single home. The chosen instance never carries more
-    than ``miss_cost`` frames above the least loaded one (an additive bound, where
-    prompt-sticky's is a factor of the mean). Instances added receive new keys and
-    overflow first; the model of a removed instance is dropped.
+    stays there while the cost of a miss elsewhere is higher; past that the frame goes
+    elsewhere and the key is then cached on two instances, whose loads it shares; so a hot
+    prompt spreads over as many instances as its load needs and a rare one keeps its
+    single home. The chosen instance never carries more than
+    ``(1 + miss_cost) * (least load + 1) - 1`` frames: additive slack at low load and a
+    factor of the least load at high load, as prompt-sticky's bound is a factor of the
+    mean. Instances added receive new keys and overflow first; the model of a removed
+    instance is dropped.
 
     Cost per frame: one dict lookup per instance (the scan least-outstanding does, plus a
     set membership test each: about 0.3 µs at four instances) and an O(1) LRU update.
 
     Options:
-        miss_cost: what a prefix-cache miss is worth in outstanding frames, >= 0. Set it
-            to about the prefill time of the shared prefix divided by the wait one queued
-            frame adds. 0 is least-outstanding that prefers a cached instance on ties.
+        miss_cost: the prefill delay of a miss, in queued frames, 0..10000 (0 is
+            least-outstanding that prefers a cached instance on ties).
+            ``benchmarks/prompt_routing.py`` (1-4k-token prefixes at 10k tokens/s, Table
+            1's QA decoding, batch 32) found 1.5 to 3 best among 0.25 to 4 (below 1 it
+            spreads templates too eagerly, at 4 it balances too little); the default is 2.
         cache_keys: how many prompt keys one instance's prefix cache is assumed to hold,
             1..65536: about its free KV capacity divided by a template's prefix length.
     """
 
     name = "prompt-cost"
     option_defaults: ClassVar[Mapping[str, object]] = MappingProxyType(
-        {"miss_cost": 4.0, "cache_keys": 8}
+        {"miss_cost": 2.0, "cache_keys": 8}
     )
 
     def __init__(self, **options: Any) -> None:
@@ -567,7 +575,8 @@ class PromptCost(Scheduler):
         # rotate; among equal costs an instance holding the key wins.
         for instance in self._doubled[start : start + n]:
             hit = key in cached[instance]
-            cost = loads[instance] if hit else loads[instance] + miss
+            load = loads[instance]
+            cost = load if hit else load + miss * (load + 1)
             if cost < best_cost or (cost == best_cost and hit and not best_hit):
                 best, best_cost, best_hit = instance, cost, hit
         lru = cached[best]
