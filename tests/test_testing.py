@@ -2,31 +2,26 @@
 
 The real runtime relays between real workers over socketpairs, so these tests exercise the
 routing and group-closing logic end to end without a process. Timed stages run under
-pytest-trio's ``autojump_clock``: their sleeps cost virtual time, which makes the *order*
-in which groups close observable and deterministic (a group closed by its child stream's
-CLOSE frame arrives while the request is still running; one closed only at the end of the
-request would not).
+pytest-trio's ``autojump_clock``: their sleeps cost virtual time only. The runtime's own
+tests (its relay, ledger, supervisor and connections, with hand-played peers) are in
+``tests/runtime/``.
 
-The stages of the multi-level pipeline are defined here and referenced as
-``test_testing:<name>``: pytest's default import mode puts this directory on ``sys.path``.
+The stages used here are defined in this module and referenced as ``test_testing:<name>``:
+pytest's default import mode puts this directory on ``sys.path``.
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import socket
 from pathlib import Path
 
-import anyio
 import pytest
 import trio
 import trio.testing
 
 import alto
-from alto._config import DeploymentConfig, RuntimeLimits
 from alto._stage import Context
-from alto.dataplane import FrameKind, InstanceState, Runtime, encode
+from alto.dataplane import InstanceState
 from alto.examples.demo_pb2 import Item, Number, Square, Total
 from alto.testing import InProcessPipeline, open_pipeline
 
@@ -271,195 +266,3 @@ async def test_scale_and_drain_in_process(tmp_path: Path) -> None:
                 await trio.lowlevel.checkpoint()
             check_demo(30, await p.run(Number(value=30)))
         assert_idle(p)
-
-
-# ---------------------------------------------------------------- key paths three levels deep
-
-LEVELS = """\
-[pipeline]
-name = "levels"
-input = "numbers"
-outputs = ["sums", "counts"]
-
-[queues.numbers]
-type = "alto.examples.demo_pb2:Number"
-[queues.items]
-type = "alto.examples.demo_pb2:Item"
-[queues.tokens]
-type = "alto.examples.demo_pb2:Square"
-[queues.sums]
-type = "alto.examples.demo_pb2:Total"
-[queues.sums_fwd]
-type = "alto.examples.demo_pb2:Total"
-[queues.counts]
-type = "alto.examples.demo_pb2:Total"
-
-[stages.split]                 # [r] -> [r, a]: one item a per unit of the number
-entry = "test_testing:split"
-inputs = ["numbers"]
-outputs = ["items"]
-fanout = true
-
-[stages.stream]                # [r, a] -> [r, a, b]: two token streams per item
-entry = "test_testing:stream_tokens"
-inputs = ["items"]
-outputs = ["tokens"]
-fanout = true
-
-[stages.sum]                   # one group per token stream
-entry = "test_testing:SumTokens"
-inputs = ["tokens"]
-outputs = ["sums", "sums_fwd"]
-stateful = true
-aggregate_level = 3
-
-[stages.count]                 # one group per item: how many streams were summed
-entry = "alto.aggregate:Count"
-inputs = ["sums_fwd"]
-outputs = ["counts"]
-stateful = true
-aggregate_level = 2
-options = { output = "counts", output_field = "count" }
-"""
-
-ITEM_PAUSE = 1.0  # virtual seconds between two items of one request
-TOKEN_PAUSE = 0.01
-
-
-async def split(msg: Number, ctx: Context) -> None:
-    for a in range(msg.value):
-        await ctx.write("items", Item(value=a + 1))
-        await anyio.sleep(ITEM_PAUSE)
-
-
-async def stream_tokens(msg: Item, ctx: Context) -> None:
-    # stream b has value + b tokens, valued 0, 1, 2, ...: an LM emitting tokens
-    for b in range(2):
-        async with ctx.child() as child:
-            for j in range(msg.value + b):
-                await child.write("tokens", Square(value=j))
-                await anyio.sleep(TOKEN_PAUSE)
-
-
-class SumTokens:
-    def __init__(self) -> None:
-        self.open: dict[tuple[int, ...], tuple[int, int]] = {}
-        self.closed: set[tuple[int, ...]] = set()
-
-    async def process(self, msg: Square, ctx: Context) -> None:
-        assert len(ctx.key_path) == 3 and ctx.group == ctx.key_path
-        assert ctx.group not in self.closed, f"item for {ctx.group} after its group closed"
-        s, c = self.open.get(ctx.group, (0, 0))
-        self.open[ctx.group] = (s + msg.value, c + 1)
-
-    async def group_closed(self, ctx: Context) -> None:
-        assert ctx.key_path not in self.closed, f"{ctx.key_path} closed twice"
-        self.closed.add(ctx.key_path)
-        s, c = self.open.pop(ctx.key_path)
-        total = Total(total=s, count=c, instance=ctx.instance)
-        await ctx.write("sums", total)
-        await ctx.write("sums_fwd", total)
-
-
-def stream_sum(n_tokens: int) -> int:
-    return n_tokens * (n_tokens - 1) // 2
-
-
-async def test_groups_close_per_child_stream_three_levels_deep(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    (tmp_path / "levels.toml").write_text(LEVELS)
-    values = [1, 3, 4, 6, 2]
-    seen: dict[int, list[tuple[float, alto.Result]]] = {}
-    async with open_pipeline(
-        tmp_path / "levels.toml", instances={"stream": 2, "sum": 2, "count": 2}
-    ) as p:
-        t0 = trio.current_time()
-
-        async def one(i: int) -> None:
-            seen[i] = [
-                (trio.current_time() - t0, r) async for r in p.submit(Number(value=values[i]))
-            ]
-
-        async with trio.open_nursery() as n:
-            for i in range(len(values)):
-                n.start_soon(one, i)
-        assert trio.current_time() - t0 == pytest.approx(max(values) * ITEM_PAUSE)
-        assert_idle(p)
-        sum_ids = set({s.name: s.instances for s in p.runtime.statistics().stages}["sum"])
-
-    summed_by: set[int] = set()
-    for i, n_items in enumerate(values):
-        rs = seen[i]
-        rid = rs[0][1].request_id
-        sums = {r.key_path: (t, r.message) for t, r in rs if r.queue == "sums"}
-        counts = {r.key_path: (t, r.message) for t, r in rs if r.queue == "counts"}
-        # every level-3 group (item a, stream b) exactly once, with its own tokens only
-        assert len(sums) == len([r for _, r in rs if r.queue == "sums"]) == 2 * n_items
-        assert set(sums) == {(rid, a, b) for a in range(n_items) for b in range(2)}
-        for (_, a, b), (t, total) in sums.items():
-            assert isinstance(total, Total)
-            n_tokens = a + 1 + b
-            assert (total.total, total.count) == (stream_sum(n_tokens), n_tokens)
-            summed_by.add(total.instance)
-            # closed by its stream's CLOSE, while item a was current: not at the request's end
-            assert a * ITEM_PAUSE < t < (a + 1) * ITEM_PAUSE, (a, b, t)
-        for a in range(n_items):
-            # stream 0 closed with its own CLOSE frame, before stream 1 of the same item ended
-            assert sums[(rid, a, 0)][0] < sums[(rid, a, 1)][0]
-        # every level-2 group once, closed once both of its streams were summed
-        assert set(counts) == {(rid, a) for a in range(n_items)}
-        for (_, a), (t, c) in counts.items():
-            assert isinstance(c, Total) and c.count == 2
-            assert max(sums[(rid, a, b)][0] for b in range(2)) <= t < (a + 1) * ITEM_PAUSE
-    assert summed_by == sum_ids  # both aggregator instances took groups
-
-
-# ---------------------------------------------------------------- misbehaving peers
-# design.md: "a malformed or oversized frame closes that connection with a logged error
-# and never takes the runtime down". These drive Runtime._handle over a raw socketpair.
-
-
-async def raw_peer(
-    runtime: Runtime, nursery: trio.Nursery, hello: dict[str, object]
-) -> trio.SocketStream:
-    ours, theirs = socket.socketpair()
-    nursery.start_soon(runtime.handle_connection, trio.socket.from_stdlib_socket(theirs))
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-    await stream.send_all(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
-    return stream
-
-
-async def closed_by_peer(stream: trio.SocketStream, within: float) -> bool:
-    with trio.move_on_after(within):
-        while await stream.receive_some(65536):
-            pass
-        return True
-    return False
-
-
-async def test_a_client_sending_a_bad_frame_loses_only_its_connection(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with open_pipeline(DEMO) as p:
-        async with trio.open_nursery() as n:
-            peer = await raw_peer(p.runtime, n, {"token": p.runtime.token, "role": "client"})
-            await peer.send_all(encode(FrameKind.ACK, [1]))  # clients may only SUBMIT
-            assert await closed_by_peer(peer, within=5)
-            await peer.aclose()
-        check_demo(3, await p.run(Number(value=3)))  # the runtime goes on
-
-
-async def test_an_instance_sending_an_oversized_frame_is_disconnected(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    cfg = alto.load_pipeline(DEMO)
-    runtime = Runtime(cfg, DeploymentConfig("d", RuntimeLimits(max_frame_size=1024), {}), token="t")
-    async with trio.open_nursery() as n:
-        peer = await raw_peer(runtime, n, {"token": "t", "role": "instance", "stage": "square"})
-        await peer.send_all(encode(FrameKind.DATA, [1, 0], "squares", b"x" * 2000))
-        closed = await closed_by_peer(peer, within=5)
-        (inst,) = runtime.instances.values()
-        n.cancel_scope.cancel()
-    assert closed
-    assert inst.state == InstanceState.CRASHED and "exceeds the limit" in str(inst.last_error)

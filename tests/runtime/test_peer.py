@@ -1,0 +1,160 @@
+"""The outside end of a runtime connection: the handshake every peer shares
+(``alto.dataplane._peer``), the client, and the worker's output buffer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+import trio
+import trio.testing
+from runtime_helpers import TIMEOUT, demo_pipeline, wait_until
+
+from alto import AuthenticationError
+from alto._errors import RemoteProtocolError
+from alto._worker import _OUT_HIGH_WATER, _Output
+from alto.dataplane import FrameKind, encode
+from alto.dataplane._peer import PeerConnection
+from alto.examples.demo_pb2 import Number, Total
+from alto.testing import open_pipeline
+
+# --------------------------------------------------------------------------- the handshake
+
+
+def scripted_peer(*chunks: bytes) -> tuple[PeerConnection, list[bytes]]:
+    """A PeerConnection over a runtime that answers with ``chunks``, then EOF."""
+    sent: list[bytes] = []
+    answers = list(chunks)
+
+    async def send_all(data: bytes) -> None:
+        sent.append(data)
+
+    async def receive_some() -> bytes:
+        await trio.lowlevel.checkpoint()
+        return answers.pop(0) if answers else b""
+
+    return PeerConnection(send_all, receive_some), sent
+
+
+async def test_handshake_sends_hello_and_returns_welcome() -> None:
+    welcome = encode(FrameKind.WELCOME, [0], payload=b'{"instance": 3, "credits": 8}')
+    peer, sent = scripted_peer(welcome[:5], welcome[5:])  # in two receives
+    body = await peer.handshake({"token": "t", "role": "instance", "stage": "a"})
+    assert body == {"instance": 3, "credits": 8}
+    (hello,) = sent
+    assert hello[4] == FrameKind.HELLO
+    assert json.loads(hello[18:]) == {"token": "t", "role": "instance", "stage": "a"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (
+            encode(FrameKind.REFUSED, [0], payload=b"unknown stage 'x'; stages: a, b"),
+            AuthenticationError,
+            "the runtime refused the connection: unknown stage 'x'; stages: a, b",
+        ),
+        (b"", AuthenticationError, "closed the connection during the handshake"),
+        (encode(FrameKind.DONE, [0]), RemoteProtocolError, "expected WELCOME, got DONE"),
+        (
+            encode(FrameKind.WELCOME, [0], payload=b"[1, 2]"),
+            RemoteProtocolError,
+            "WELCOME payload is not a JSON object",
+        ),
+        (
+            encode(FrameKind.WELCOME, [0], payload=b"{}")[:12],
+            RemoteProtocolError,
+            r"connection closed in the middle of a frame \(12 bytes\)",
+        ),
+    ],
+    ids=["refused", "closed", "another-frame", "not-an-object", "cut-off"],
+)
+async def test_handshake_failures_say_what_went_wrong(
+    answer: bytes, error: type[Exception], match: str
+) -> None:
+    peer, _ = scripted_peer(answer)
+    with pytest.raises(error, match=match):
+        await peer.handshake({"token": "t", "role": "client"})
+
+
+# --------------------------------------------------------------------------- the client
+
+
+async def test_client_submit_left_early_leaves_the_client_usable(tmp_path: Path) -> None:
+    async with open_pipeline(demo_pipeline(tmp_path), instances={"square": 2}) as p:
+        with trio.fail_after(TIMEOUT):
+            results = p.submit(Number(value=3))
+            assert isinstance(results, AsyncGenerator)  # (typed as an iterator)
+            async with aclosing(results):
+                seen = []
+                async for result in results:
+                    seen.append(result)
+                    break  # the consumer wants only the first result
+            assert [r.queue for r in seen] == ["partials"]
+            # the first request's later frames arrive for a submit() that has returned;
+            # the client's reader must not die of them
+            res = await p.run(Number(value=2))
+            assert [r.message.total for r in res if isinstance(r.message, Total)] == [1]
+            await wait_until(lambda: not p.runtime.requests)
+            res = await p.run(Number(value=4))
+            assert [r.message.total for r in res if isinstance(r.message, Total)] == [14]
+
+
+# --------------------------------------------------------------------------- the worker's
+# output buffer
+
+
+class _MemoryByteSend(anyio.abc.ByteSendStream):
+    """A byte stream into an anyio memory object stream of size 0: a send waits for the
+    reader."""
+
+    def __init__(self, send: anyio.abc.ObjectSendStream[bytes]) -> None:
+        self._send = send
+
+    async def send(self, item: bytes) -> None:
+        await self._send.send(item)
+
+    async def send_eof(self) -> None:
+        await self._send.aclose()
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
+async def test_output_buffer_wakes_every_writer_over_the_high_water_mark() -> None:
+    send, receive = anyio.create_memory_object_stream[bytes](0)
+    out = _Output(_MemoryByteSend(send), 64 << 20)  # type: ignore[arg-type]
+    chunk = b"x" * (_OUT_HIGH_WATER + 1)
+    done: list[str] = []
+
+    async def writer(name: str) -> None:
+        await out.send(chunk)  # past the high-water mark: waits until drained
+        done.append(name)
+
+    received = 0
+
+    async def reader() -> None:
+        nonlocal received
+        async for data in receive:
+            received += len(data)
+
+    async with send, receive, trio.open_nursery() as nursery:
+        nursery.start_soon(out.flusher)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(writer, "A")
+        await trio.testing.wait_all_tasks_blocked()  # A waits; the flusher sends A's bytes
+        nursery.start_soon(writer, "B")
+        await trio.testing.wait_all_tasks_blocked()  # B waits too
+        assert done == []
+        nursery.start_soon(reader)
+        with trio.fail_after(TIMEOUT):
+            while len(done) < 2:
+                await trio.sleep(0.001)
+        assert sorted(done) == ["A", "B"]
+        assert received == 2 * len(chunk)
+        nursery.cancel_scope.cancel()
