@@ -110,9 +110,7 @@ async def test_a_step_load_scales_a_stage_up_and_back_down(
                     stats = p.runtime.statistics()
                     counts.append(
                         sum(
-                            1
-                            for i in stats.instances
-                            if i.stage == "square" and i.state == "ready"
+                            1 for i in stats.instances if i.stage == "square" and i.state == "ready"
                         )
                     )
                     await trio.sleep(0.25)

@@ -23,8 +23,8 @@ import trio.testing
 
 import alto
 from alto.aggregate import Sum
-from alto.examples.demo_pb2 import Item, Number, Square
 from alto.dataplane import FrameKind, encode
+from alto.examples.demo_pb2 import Item, Number, Square
 from alto.testing import FakePeer, open_pipeline
 
 PIPELINE = """\

@@ -107,7 +107,7 @@ async def test_traces_are_exported_through_opentelemetry(
     ]
     for s in children:
         assert s["attributes"]["alto.stage"] == s["name"].split()[0]
-        assert [e["name"] for e in s["events"]][0] == "processing started"
+        assert next(e["name"] for e in s["events"]) == "processing started"
         assert s["start_time"] >= root["start_time"] and s["end_time"] <= root["end_time"]
 
 
@@ -123,7 +123,9 @@ async def test_sampling_and_bad_traceparents(
         rid = (await p.client.run(Number(value=2), traceparent=sampled))[0].request_id
         assert p.runtime.request_timeline(rid)["trace"] is not None  # type: ignore[index]
         with pytest.raises(ValueError, match="traceparent"):
-            await p.client.run(Number(value=1), traceparent="00-" + "0" * 32 + "-" + "1" * 16 + "-01")
+            await p.client.run(
+                Number(value=1), traceparent="00-" + "0" * 32 + "-" + "1" * 16 + "-01"
+            )
 
 
 async def test_stage_metrics_count_every_input(

@@ -368,6 +368,18 @@ class StageHandler:
         if fn is not None:
             await fn()
 
+    def statistics(self) -> dict[str, float]:
+        """The entry's own gauges (an optional ``statistics()`` method returning numbers
+        by name, e.g. an engine's counters), reported with the instance's metrics."""
+        fn = getattr(self._obj, "statistics", None)
+        if fn is None:
+            return {}
+        return {
+            str(k): float(v)
+            for k, v in dict(fn()).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+
     async def process(self, msg: Any, ctx: Context) -> None:
         token = _current.set(ctx)
         try:

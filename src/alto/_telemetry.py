@@ -7,7 +7,10 @@ clock reads per input, never per frame) and reports it to the runtime in two way
 
 * metrics, for every input: fixed-bucket histograms aggregated in the instance and sent
   as deltas in a STATS frame about once a second (JSON, :meth:`MetricDeltas.take`); the
-  runtime adds them up per stage and the control plane exports them;
+  runtime adds them up per stage and the control plane exports them. The same frame
+  carries the stage object's own *gauges* when they changed (an optional
+  ``statistics()`` method: an LM engine's token counters, an emulated device's busy
+  seconds), kept per instance;
 * spans, for the inputs of *traced* requests only (frames flagged TRACED): one SPAN frame
   per input, sent before the input's ACK so that the runtime has the whole trace when the
   request completes (JSON, :meth:`InputRecord.span`).
@@ -42,6 +45,8 @@ from typing import Any
 import anyio
 
 __all__ = ["BUCKETS", "InputRecord", "MetricDeltas", "merge_histogram", "now", "wall_clock"]
+
+GAUGES = "gauges"  # the key of a STATS payload holding current values, not histograms
 
 _wall_offset: float | None = None
 
@@ -100,14 +105,17 @@ class MetricDeltas:
         counts[bisect.bisect_left(bounds, value)] += 1
         self._sums[name] += value
 
-    def take(self) -> bytes | None:
-        """The deltas as a STATS payload (JSON), or None when nothing was observed; resets."""
-        if not self._counts:
+    def take(self, gauges: dict[str, float] | None = None) -> bytes | None:
+        """The deltas (and the stage's ``gauges``, current values, when given) as a STATS
+        payload (JSON), or None when there is nothing to say; resets the deltas."""
+        if not self._counts and not gauges:
             return None
-        body = {
+        body: dict[str, Any] = {
             name: {"buckets": counts, "sum": self._sums[name]}
             for name, counts in self._counts.items()
         }
+        if gauges:
+            body[GAUGES] = gauges
         self._counts, self._sums = {}, {}
         return json.dumps(body, separators=(",", ":")).encode()
 

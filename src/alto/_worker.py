@@ -332,9 +332,16 @@ class Worker:
     async def _report_metrics(self, out: _Output, scope: anyio.CancelScope) -> None:
         """Send the metric deltas about once a second (when there are any)."""
         with scope:
+            last_gauges: dict[str, float] = {}
             while True:
                 await anyio.sleep(_STATS_INTERVAL)
-                payload = self.metrics.take()
+                try:
+                    gauges = self.handler.statistics()
+                except Exception:  # a broken statistics() must not stop the instance
+                    log.exception("the stage's statistics() failed")
+                    gauges = {}
+                payload = self.metrics.take(gauges if gauges != last_gauges else None)
+                last_gauges = gauges
                 if payload is not None:
                     out.send_nowait(encode(FrameKind.STATS, [0], payload=payload))
 

@@ -125,6 +125,7 @@ def _instance_dict(inst: InstanceStatistics) -> dict[str, Any]:
         "frames_out": inst.frames_out,
         "pid": inst.pid,
         "last_error": inst.last_error,
+        "gauges": dict(inst.gauges),
     }
 
 

@@ -43,7 +43,7 @@ import trio
 
 from .._config import RuntimeLimits
 from .._errors import RemoteProtocolError, truncate_error
-from .._telemetry import merge_histogram
+from .._telemetry import GAUGES, merge_histogram
 from ._connections import Conn
 from ._frames import (
     HEADER,
@@ -457,7 +457,16 @@ class Relay:
                 if not isinstance(body, dict):
                     raise ValueError("not a JSON object")
                 for name, delta in body.items():
-                    merge_histogram(st.metrics, delta, name)
+                    if name == GAUGES:
+                        if not isinstance(delta, dict) or len(delta) > 256:
+                            raise ValueError("gauges must be an object of at most 256 numbers")
+                        inst.gauges = {
+                            str(k)[:128]: float(v)
+                            for k, v in delta.items()
+                            if isinstance(v, (int, float))
+                        }
+                    else:
+                        merge_histogram(st.metrics, delta, name)
             except ValueError as exc:
                 log.warning("%s/%d sent malformed STATS: %s", st.name, inst.id, exc)
         elif kind == _ERROR:

@@ -39,6 +39,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from types import MappingProxyType
 from typing import Any
 
 import trio
@@ -548,6 +549,7 @@ class Runtime:
                 pid=i.pid,
                 last_error=i.last_error,
                 credits_in_use=i.credits_in_use,
+                gauges=MappingProxyType(dict(i.gauges)),
             )
             for i in self.instances.values()
         )

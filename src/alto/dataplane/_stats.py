@@ -9,7 +9,7 @@ internals, so the control plane can be tested against a fake that implements the
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ class InstanceStatistics:
     pid: int | None
     last_error: str | None
     credits_in_use: int = 0  # frames sent to it and not yet acknowledged (at most credits)
+    gauges: Mapping[str, float] = field(default_factory=dict)  # its stage object's numbers
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ class Instance:
         self.frames_in = 0  # frames it sent to the runtime
         self.frames_out = 0  # frames the runtime sent to it
         self.pid: int | None = None
+        self.gauges: dict[str, float] = {}  # the stage object's own numbers (STATS)
         self.exit_code: int | None = None
         self.last_error: str | None = None
         self.req_counts: dict[int, int] = {}  # request id -> frames of it routed here, unacked

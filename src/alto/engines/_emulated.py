@@ -146,12 +146,17 @@ class EmulationProfile:
     terminator: str = "."
     separator: str = "\n"
     prefill_token_seconds: float = 0.0
+    # Sentences inside one output: a period (and a capital) after about this many words
+    # (0: one sentence per output). Text only: the word count and timings do not change.
+    sentence_words: float = 0.0
 
 
 _P = A100_PREFILL_TOKEN_SECONDS
 # Table 1 of the ALTO paper (FacTool at 15 req/s). See the module docstring.
 PROFILES: dict[str, EmulationProfile] = {
-    "qa": EmulationProfile("qa", 1.0, 0.0, 62.5, 57.2, 1.292 / 62.5, 0.1, prefill_token_seconds=_P),
+    "qa": EmulationProfile(
+        "qa", 1.0, 0.0, 62.5, 57.2, 1.292 / 62.5, 0.1, prefill_token_seconds=_P, sentence_words=20.0
+    ),
     "claims": EmulationProfile(
         "claims", 3.3, 1.8, 9.8, 3.5, 0.4036 / 9.8, 0.25, prefill_token_seconds=_P
     ),
@@ -208,11 +213,11 @@ def _lognormal_params(mean: float, std: float) -> tuple[float, float]:
     return math.log(mean) - sigma2 / 2, math.sqrt(sigma2)
 
 
-def _draw_count(rng: random.Random, mean: float, std: float) -> int:
+def _draw_count(rng: random.Random, mean: float, std: float, least: int = 1) -> int:
     if std <= 0:
-        return max(1, round(mean))
+        return max(least, round(mean))
     mu, sigma = _lognormal_params(mean, std)
-    return max(1, round(rng.lognormvariate(mu, sigma)))
+    return max(least, round(rng.lognormvariate(mu, sigma)))
 
 
 def _stable_seed(*parts: object) -> int:
@@ -248,7 +253,11 @@ class EmulatedEngine(Engine):
     ``prefill_token_seconds``: prefill time per uncached prompt token (default: the
     profile's). ``prefill_chunk_tokens``: the per-step token budget of chunked prefill.
     ``block_size``: tokens per prefix-cache block. ``cache_tokens``: the prefix cache's
-    capacity (0 disables it). The module docstring gives the model and the calibration.
+    capacity (0 disables it). ``outputs_per_input_word``: instead of the profile's count
+    of outputs, draw a count proportional to the words of the prompt's line after the last
+    ``input_marker`` (default ``"Text:"``), e.g. 3.3 / 62.5 claims per word of the answer a
+    claim extractor splits, so that splitting an answer into sentences does not multiply
+    its claims. The module docstring gives the model and the calibration.
 
     Raises ``ValueError`` for an unknown profile or an option of the wrong type or out of
     range (the message names the option and the allowed range).
@@ -268,6 +277,8 @@ class EmulatedEngine(Engine):
         prefill_chunk_tokens: int = 2048,
         block_size: int = 16,
         cache_tokens: int = 114_688,
+        outputs_per_input_word: float | None = None,
+        input_marker: str = "Text:",
     ) -> None:
         if isinstance(profile, str):
             key = _ALIASES.get(profile, profile)
@@ -282,6 +293,15 @@ class EmulatedEngine(Engine):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.max_batch = int(_bounded("max_batch", max_batch, 1, _MAX_BATCH, integer=True))
+        # Outputs that scale with the input (claims of a text): see plan().
+        self.outputs_per_input_word = (
+            None
+            if outputs_per_input_word is None
+            else _bounded("outputs_per_input_word", outputs_per_input_word, 0, 100, integer=False)
+        )
+        if not isinstance(input_marker, str) or not input_marker or len(input_marker) > 64:
+            raise ValueError("input_marker must be a non-empty string of at most 64 characters")
+        self.input_marker = input_marker
         self.alpha = _bounded("alpha", alpha, 0, _MAX_ALPHA, integer=False)
         self.first_token_seconds = _bounded(
             "first_token_seconds", first_token_seconds, 0, _MAX_SECONDS, integer=False
@@ -338,9 +358,33 @@ class EmulatedEngine(Engine):
         p = self.profile
         rng = random.Random(_stable_seed(self.seed if seed is None else seed, p.name, prompt))
         outputs = []
-        for _ in range(_draw_count(rng, p.outputs_mean, p.outputs_std)):
+        mean, std = p.outputs_mean, p.outputs_std
+        if self.outputs_per_input_word is not None:
+            # The count follows the input's length: the words on the line after the last
+            # ``input_marker`` (the text a claim extractor splits), times the rate, with the
+            # profile's coefficient of variation. For FacTool's claims: Table 1's 3.3 claims
+            # per answer of 62.5 words on average, whether the answer comes whole or a
+            # sentence at a time.
+            _, _, tail = prompt.rpartition(self.input_marker)
+            n_words = len(tail.split("\n", 1)[0].split())
+            mean = max(self.outputs_per_input_word * n_words, 0.05)
+            std = mean * (p.outputs_std / p.outputs_mean if p.outputs_mean else 0.0)
+            # A short text may hold no claim at all: no floor of one output here, or
+            # splitting an answer into sentences would add claims.
+            count = _draw_count(rng, mean, std, least=0)
+        else:
+            count = _draw_count(rng, mean, std)
+        for _ in range(count):
             words = [rng.choice(_WORDS) for _ in range(_draw_count(rng, p.words_mean, p.words_std))]
             words[0] = words[0].capitalize()
+            if p.sentence_words:
+                # Sentence breaks (a separate generator: the words stay those of the seed).
+                breaks = random.Random(_stable_seed(self.seed, p.name, "sentences", prompt))
+                i = _draw_count(breaks, p.sentence_words, p.sentence_words / 2)
+                while i < len(words):
+                    words[i - 1] += "."
+                    words[i] = words[i].capitalize()
+                    i += _draw_count(breaks, p.sentence_words, p.sentence_words / 2)
             outputs.append(" ".join(words) + p.terminator)
         return tuple(outputs)
 
@@ -596,7 +640,8 @@ class EmulatedEngine(Engine):
         scheduled, split into ``prompt_tokens_reused`` (found in the prefix cache) and
         ``prompt_tokens_evaluated`` (prefilled; a cancelled sequence may leave some of
         its prompt unprefilled), ``cache_hit_rate`` (reused / prompt tokens, as vLLM's
-        prefix cache hit rate), the tokens the cache holds and the blocks it evicted."""
+        prefix cache hit rate), the tokens the cache holds and the blocks it evicted; and
+        the engine's shape (``max_batch``, ``token_seconds``, ``alpha``)."""
         prompt = self._prompt_tokens
         return {
             "sequences_started": self._started,
@@ -615,4 +660,9 @@ class EmulatedEngine(Engine):
             "cache_hit_rate": self._prompt_tokens_reused / prompt if prompt else 0.0,
             "cache_tokens": len(self._cache) * self.block_size,
             "cache_blocks_evicted": self._blocks_evicted,
+            # The emulated GPU's shape, for capacity: at most max_batch sequences decode
+            # together at token_seconds * (1 + alpha * (max_batch - 1)) per step.
+            "max_batch": self.max_batch,
+            "token_seconds": self.profile.token_seconds,
+            "alpha": self.alpha,
         }

@@ -23,6 +23,7 @@ few-shot ``Q:``/``A:`` style with stop sequences, because the default model (Gem
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Literal
@@ -142,6 +143,11 @@ class _LMStage:
         if self.engine is not None:
             await self.engine.aclose()
 
+    def statistics(self) -> dict[str, float]:
+        """Gauges reported with the instance's metrics: the engine's counters (for the
+        emulated engine, its busy seconds: the emulated GPU's utilisation)."""
+        return dict(self.engine.statistics()) if self.engine is not None else {}
+
     def _gen(self, prompt: str, stop: list[str], key: str, ctx: Context) -> Any:
         """The engine's stream for ``prompt``, measured by the SDK (time to first token,
         time per output token, token counts: ``ctx.tokens``)."""
@@ -166,17 +172,49 @@ def _lines(text: str) -> list[str]:
     return out
 
 
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+
+
 class AnswerQuestion(_LMStage):
+    """Stage 1. With ``sentences = true`` (the stage must be ``fanout = true``), each
+    sentence of the answer goes to claim extraction as soon as it is complete, as its own
+    child, instead of the whole answer at the end: claim extraction starts on sentence 1
+    while the LM writes sentence 2 (finer-grained streaming than the paper's)."""
+
+    def __init__(self, sentences: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.sentences = sentences
+
     async def process(self, q: Question, ctx: Context) -> None:
         text = ""
+        sent = 0  # characters of text already sent as sentences
         async with aclosing(
             self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY, ctx)
         ) as gen:
             async for piece in gen:
                 text += piece
+                if self.sentences:
+                    for m in _SENTENCE_END.finditer(text, sent):
+                        await self._send_sentence(q, ctx, text[sent : m.end()])
+                        sent = m.end()
+        if self.sentences:
+            if text[sent:].strip():
+                await self._send_sentence(q, ctx, text[sent:])
+            await ctx.write(
+                "answer_out", Answer(question_id=q.id, question=q.question, text=text.strip())
+            )
+            return
         answer = Answer(question_id=q.id, question=q.question, text=text.strip())
         await ctx.write("answers", answer, prompt_key=CLAIMS_KEY)
         await ctx.write("answer_out", answer)
+
+    async def _send_sentence(self, q: Question, ctx: Context, sentence: str) -> None:
+        if sentence.strip():
+            await ctx.write(
+                "answers",
+                Answer(question_id=q.id, question=q.question, text=sentence.strip()),
+                prompt_key=CLAIMS_KEY,
+            )
 
 
 class ExtractClaims(_LMStage):
@@ -391,29 +429,72 @@ def _passage_store(
     return PassageStore.load(d)
 
 
-class EncodeQuery:
-    """Stage 5: the ColBERT query encoder (MiniLM token embeddings by default)."""
+class _EmulatedDevice:
+    """A retrieval stage's compute replaced by its calibrated time (``emulate_seconds``):
+    one call at a time per instance, as one GPU (the encoder) or one dedicated CPU core
+    (the reranker) would take them, without using this machine's CPU. See
+    docs/figure3.md ("Emulated retrieval") for the calibration."""
 
-    def __init__(self, model_path: str | None = None, threads: int = 1) -> None:
+    def __init__(self, seconds: float) -> None:
+        if not 0 < seconds <= 10:
+            raise ValueError(f"emulate_seconds must be in (0, 10], got {seconds}")
+        self.seconds = seconds
+        self.lock = anyio.Lock()
+        self.busy = 0.0
+        self.calls = 0
+
+    async def run(self) -> None:
+        async with self.lock:
+            await anyio.sleep(self.seconds)
+            self.busy += self.seconds
+            self.calls += 1
+
+
+class EncodeQuery:
+    """Stage 5: the ColBERT query encoder (MiniLM token embeddings by default).
+
+    ``emulate_seconds``: instead of encoding, take that long per query (one at a time) and
+    send an empty embedding (the benchmarks' LM-bound setting; the reranker must then be
+    emulated too)."""
+
+    def __init__(
+        self, model_path: str | None = None, threads: int = 1, emulate_seconds: float | None = None
+    ) -> None:
         self.model_path, self.threads = model_path, threads
+        self.device = _EmulatedDevice(emulate_seconds) if emulate_seconds is not None else None
 
     async def setup(self) -> None:
-        self.model = await anyio.to_thread.run_sync(_load_reranker, self.model_path, self.threads)
+        if self.device is None:
+            self.model = await anyio.to_thread.run_sync(
+                _load_reranker, self.model_path, self.threads
+            )
+
+    def statistics(self) -> dict[str, float]:
+        """Gauges reported with the instance's metrics (emulated busy time)."""
+        if self.device is None:
+            return {}
+        return {"emulated_busy_seconds": self.device.busy, "emulated_calls": self.device.calls}
 
     async def process(self, c: Candidates, ctx: Context) -> None:
         from ..retrieval import to_bytes
 
-        emb = await anyio.to_thread.run_sync(self.model.encode_query, c.query or c.claim)
+        if self.device is not None:
+            await self.device.run()
+            embedding = b""
+        else:
+            emb = await anyio.to_thread.run_sync(self.model.encode_query, c.query or c.claim)
+            embedding = to_bytes(emb)
         await ctx.write(
             "encoded",
-            EncodedQuery(
-                claim=c.claim, query=c.query, embedding=to_bytes(emb), passages=c.passages
-            ),
+            EncodedQuery(claim=c.claim, query=c.query, embedding=embedding, passages=c.passages),
         )
 
 
 class Rerank:
-    """Stage 6: MaxSim over the candidates' token embeddings; emits the best ``k``."""
+    """Stage 6: MaxSim over the candidates' token embeddings; emits the best ``k``.
+
+    ``emulate_seconds``: instead of reranking, take that long per query (one at a time)
+    and keep BM25's order."""
 
     def __init__(
         self,
@@ -422,9 +503,11 @@ class Rerank:
         threads: int = 1,
         index_dir: str | None = None,
         corpus: Literal["dev", "all"] = "dev",
+        emulate_seconds: float | None = None,
     ) -> None:
         self.k, self.model_path, self.threads = k, model_path, threads
         self.index_dir, self.corpus = index_dir, corpus
+        self.device = _EmulatedDevice(emulate_seconds) if emulate_seconds is not None else None
 
     @staticmethod
     def prepare(options: Mapping[str, Any]) -> None:
@@ -432,7 +515,7 @@ class Rerank:
         model is loaded only if the store must be built)."""
         index_dir = options.get("index_dir")
         corpus = options.get("corpus", "dev")
-        if index_dir and corpus in ("dev", "all"):
+        if index_dir and corpus in ("dev", "all") and options.get("emulate_seconds") is None:
             _passage_store(
                 None,
                 index_dir,
@@ -443,6 +526,8 @@ class Rerank:
             )
 
     async def setup(self) -> None:
+        if self.device is not None:
+            return
         self.model = await anyio.to_thread.run_sync(_load_reranker, self.model_path, self.threads)
         if self.index_dir:  # passage encodings computed once, offline (built here if absent)
             self.model.use_store(
@@ -451,12 +536,21 @@ class Rerank:
                 )
             )
 
+    def statistics(self) -> dict[str, float]:
+        """Gauges reported with the instance's metrics (emulated busy time)."""
+        if self.device is None:
+            return {}
+        return {"emulated_busy_seconds": self.device.busy, "emulated_calls": self.device.calls}
+
     async def process(self, e: EncodedQuery, ctx: Context) -> None:
         from ..retrieval import from_bytes
 
         passages = list(e.passages)
         out = Evidence(claim=e.claim, query=e.query)
-        if passages:
+        if self.device is not None:
+            await self.device.run()
+            out.passages.extend(passages[: self.k])  # BM25's order
+        elif passages:
             q = from_bytes(e.embedding)
             ranked = await anyio.to_thread.run_sync(
                 lambda: self.model.rerank(q, [(p.id, p.text) for p in passages], self.k)
