@@ -6,10 +6,12 @@ queries}.toml``: the real FacTool stage classes with their real prompts, on one 
 the emulated engine: Table 1's output sizes and per-token times, continuous batching,
 prefill and a prefix cache calibrated to vLLM on an A100). Requests arrive as a Poisson
 process at increasing offered loads, raised by ``--factor`` from ``--start`` until the
-achieved load falls below 80% of the offered load (the point where this prompt saturates
-its GPU); every point reports achieved load and median and p99 latency, and, as in the
+load is no longer sustained (the point where this prompt saturates its GPU); every point reports achieved load and median and p99 latency, and, as in the
 paper, only points with achieved >= 80% of offered count (the others are printed, marked,
-and left out of the plot).
+and left out of the plot). A point where the ingress refused requests (more than the
+runtime's ``max_inflight_requests``, 1024, in flight) does not count either: with 12-minute
+points a load 20% past saturation still achieves more than 80% of offered, but only by
+queueing without end.
 
 The path is alto's own: ``alto.testing.open_pipeline`` runs the real runtime, scheduler,
 worker and stage code in this process over socket pairs, under trio's MockClock with
@@ -105,7 +107,7 @@ async def sweep(
                     file=sys.stderr,
                 )
             if not r.counted:
-                break  # saturated: achieved load fell below 80% of offered
+                break  # saturated: the load was not sustained
     return out
 
 
@@ -155,24 +157,25 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Figure 5: each FacTool LM prompt alone on one emulated GPU (Table 1 timings, "
         f"prefill and prefix cache), Poisson arrivals, {a.seconds:g} emulated s per point, "
-        f"offered load x{a.factor:g} from {a.start:g} req/s until achieved < 80% of offered "
+        f"offered load x{a.factor:g} from {a.start:g} req/s until not sustained "
         f"({elapsed:.0f} s real)"
     )
     print()
-    print("| prompt | offered (req/s) | achieved (req/s) | p50 latency | p99 latency |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| prompt | offered (req/s) | achieved (req/s) | p50 latency | p99 latency | refused |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for prompt, points in res.items():
         for r in points:
-            mark = "" if r.counted else " (below 80%: saturated)"
+            mark = "" if r.counted else " (not sustained)"
             print(
-                f"| {prompt} | {r.offered:g} | {r.achieved:.2f}{mark} | {r.p50:.2f} s | {r.p99:.2f} s |"
+                f"| {prompt} | {r.offered:g} | {r.achieved:.2f}{mark} | {r.p50:.2f} s | {r.p99:.2f} s "
+                f"| {r.failed} |"
             )
     print()
     for prompt, points in res.items():
         counted = [r for r in points if r.counted]
         top = max(counted, key=lambda r: r.achieved) if counted else None
         where = f"{top.achieved:.2f} req/s (offered {top.offered:g})" if top else "no point"
-        print(f"{prompt}: highest achieved load with achieved >= {COUNTED:.0%} of offered: {where}")
+        print(f"{prompt}: highest sustained load (achieved >= {COUNTED:.0%} of offered): {where}")
 
     if a.json:
         rows = [
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             panels.append(("achieved load (req/s)", f"{stat} latency (s)", name, lines))
         plot_panels(
             a.plot,
-            "Each FacTool prompt alone on one emulated GPU (points with achieved >= 80% of offered)",
+            "Each FacTool prompt alone on one emulated GPU (sustained loads: achieved >= 80% of offered)",
             panels,
         )
 

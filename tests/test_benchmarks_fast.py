@@ -37,8 +37,9 @@ def check_point(row: dict[str, Any]) -> None:
     assert row["offered"] > 0
     assert 0 < row["achieved"] < 1.5 * row["offered"]
     assert 0 < row["p50"] <= row["p99"]
-    assert row["counted"] == (row["achieved"] >= 0.8 * row["offered"])
-    assert row["failed"] == 0
+    # A point counts where the load was sustained: achieved >= 80% of offered (the
+    # paper's rule) and no request refused at the ingress.
+    assert row["counted"] == (row["achieved"] >= 0.8 * row["offered"] and row["failed"] == 0)
 
 
 @pytest.mark.slow
