@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import trio
@@ -61,13 +61,19 @@ from ._ledger import Ledger, Request
 from ._schedulers import NoInstanceError
 from ._stats import InstanceState
 from ._topology import Instance, Stage, Topology
-from ._tracing import path_of
+from ._tracing import TraceRecord, path_of
 
 log = logging.getLogger("alto.runtime")
 
 __all__ = ["RECV_SIZE", "Relay"]
 
 RECV_SIZE = 256 * 1024  # relay-notes: 256 KiB did best (16 KiB and 1 MiB were 30-35% slower)
+# Traces of requests that ended with work still running (failed, cancelled, timed out):
+# their instances report the cancelled inputs' spans after the end (milliseconds later),
+# and those belong in the trace: they show the work done until the CANCEL arrived. As many
+# as the tracer keeps recent traces; older ones are forgotten. (A trace exported through
+# OpenTelemetry at the end does not get these late spans.)
+ENDED_TRACES_KEPT = 256
 
 _DATA = FrameKind.DATA
 _ACK = FrameKind.ACK
@@ -102,6 +108,7 @@ class Relay:
         self.frames_relayed = 0
         self.frames_discarded = 0  # frames of requests that had already ended
         self.frames_retried = 0
+        self.ended_traces: OrderedDict[int, TraceRecord] = OrderedDict()
         # What the batch being handled pushed over the backlog limit (see wait_overfull).
         self.overfull: list[Instance] = []
         self.on_idle: Callable[[Instance], None] = _no_idle
@@ -445,9 +452,10 @@ class Relay:
                 )
         elif kind == _SPAN:
             req = self.ledger.requests.get(rid)
-            if req is not None and req.trace is not None:
+            trace = req.trace if req is not None else self.ended_traces.get(rid)
+            if trace is not None:
                 try:
-                    req.trace.span(bytes(buf[payload_offset(off, depth, qlen, pklen) : fend]))
+                    trace.span(bytes(buf[payload_offset(off, depth, qlen, pklen) : fend]))
                 except ValueError as exc:  # telemetry: logged, never fatal
                     log.warning("%s/%d sent a malformed SPAN: %s", st.name, inst.id, exc)
         elif kind == _STATS:
@@ -603,6 +611,10 @@ class Relay:
         and send CANCEL to every instance that holds some of its inputs, so that they
         stop working on it (their ACKs still come back and return the credits)."""
         rid = req.rid
+        if req.trace is not None:
+            self.ended_traces[rid] = req.trace
+            if len(self.ended_traces) > ENDED_TRACES_KEPT:
+                self.ended_traces.popitem(last=False)
         cancel = encode(FrameKind.CANCEL, [rid])
         pinned = set(req.groups.values())  # they hold its groups' state
         for st in self.topology.by_index:
