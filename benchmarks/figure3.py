@@ -308,9 +308,14 @@ def run_point(
          "--seed", str(int(rate * 1000)), "--request-timeout", str(a.request_timeout)],
     )  # fmt: skip
     lg_cpu = 0.0
-    while loadgen.poll() is None:
-        lg_cpu = max(lg_cpu, _cpu(loadgen.pid))
-        time.sleep(0.5)
+    try:
+        while loadgen.poll() is None:
+            lg_cpu = max(lg_cpu, _cpu(loadgen.pid))
+            time.sleep(0.5)
+    finally:
+        if loadgen.poll() is None:  # interrupted: the generator goes with us
+            loadgen.kill()
+            loadgen.wait()
     after = server.sample()
     window = time.monotonic() - t_start
     records: list[dict[str, Any]] = json.loads(out.read_text())

@@ -70,6 +70,9 @@ BACKENDS = ("trio", "asyncio")
 class QueueConfig:
     name: str
     type: str  # "module:MessageClass"
+    # "module:function": message -> the prompt the LM stage reading this queue will run;
+    # writers derive the frame's prompt key from it (see alto._stage.prefix_key)
+    prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,15 +390,18 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     queues: dict[str, QueueConfig] = {}
     for qname, qdata in top.table("queues").items():
         t = _Table(p, f"queues.{qname}", qdata)
-        t.check_keys(("type",))
+        t.check_keys(("type", "prompt"))
         typ = t.get("type", str)
         if ":" not in typ:
             raise ConfigError(p, t.key("type"), f"expected 'module:MessageClass', got {typ!r}")
+        prompt = t.get("prompt", str, None)
+        if prompt is not None and ":" not in prompt:
+            raise ConfigError(p, t.key("prompt"), f"expected 'module:function', got {prompt!r}")
         try:
             qname.encode("ascii")
         except UnicodeEncodeError:
             raise ConfigError(p, f"queues.{qname}", "queue names must be ASCII") from None
-        queues[qname] = QueueConfig(qname, typ)
+        queues[qname] = QueueConfig(qname, typ, prompt)
     allowed_q = ", ".join(queues) or "(none declared)"
 
     def need_queue(key: str, q: str) -> None:
@@ -714,6 +720,13 @@ def check_imports(pipeline: PipelineConfig) -> None:
             typ = resolve(q.type, what="message type")
         except ValueError as exc:
             raise ConfigError(p, f"queues.{q.name}.type", str(exc)) from exc
+        if q.prompt is not None:
+            try:
+                fn = resolve(q.prompt, what="prompt function")
+            except ValueError as exc:
+                raise ConfigError(p, f"queues.{q.name}.prompt", str(exc)) from exc
+            if not callable(fn):
+                raise ConfigError(p, f"queues.{q.name}.prompt", f"{q.prompt!r} is not callable")
         if not (isinstance(typ, type) and issubclass(typ, Message)):
             raise ConfigError(
                 p, f"queues.{q.name}.type", f"{q.type!r} is not a protobuf Message class"

@@ -45,9 +45,10 @@ so a group's items and its ``group_closed`` call never race.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -57,7 +58,7 @@ from ._errors import StageError
 from ._telemetry import InputRecord, MetricDeltas, now
 from .dataplane._frames import FrameFlags, FrameKind, encode
 
-__all__ = ["Child", "Context", "StageHandler", "current_context", "write"]
+__all__ = ["Child", "Context", "StageHandler", "current_context", "prefix_key", "write"]
 
 _current: contextvars.ContextVar[Context] = contextvars.ContextVar("alto_stage_context")
 
@@ -79,6 +80,9 @@ class StageInfo:
     child_tag: int = 0
     aggregate_level: int = 0  # stateful stages: the group is the key path's first L ids
     fanout_queues: frozenset[str] = frozenset()  # outputs that lead to a fan-out stage
+    # output queue -> the prompt its LM stage will run for a message (the queue's
+    # ``prompt`` in the pipeline file): writes derive their prompt key from it
+    prompts: Mapping[str, Callable[[Message], str]] = field(default_factory=dict)
 
 
 class Context:
@@ -203,12 +207,17 @@ class Context:
             )
         if self._record is not None:
             self._record.output()
+        if prompt_key is None:
+            make_prompt = self._info.prompts.get(queue)
+            pk = prefix_key(make_prompt(obj)) if make_prompt is not None else b""
+        else:
+            pk = prompt_key.encode()
         return encode(
             FrameKind.DATA,
             tuple(path),
             queue,
             obj.SerializeToString(),
-            prompt_key.encode() if prompt_key else b"",
+            pk,
             flags | self._flags,
             max_frame_size=self._out.max_frame_size,
         )
@@ -304,6 +313,32 @@ class Child:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+PREFIX_BLOCK = 64  # bytes of prompt text per block of a derived prompt key
+PREFIX_BLOCKS = 8  # blocks hashed at most: the key is at most 1 + 64 bytes
+DERIVED = b"\x00"  # first byte of a derived key (a key a stage names never starts with NUL)
+
+
+def prefix_key(prompt: str) -> bytes:
+    """The prompt key alto derives from a prompt's text: a NUL byte, then a chain of 8-byte BLAKE2b hashes
+    of its leading 64-byte blocks (each hash covers its block and every block before it,
+    as vLLM's prefix-cache blocks and llm-d's prefix scorer chain theirs), at most 8
+    blocks; a trailing partial block counts only when it is the only one.
+
+    Two prompts that share their first k blocks share the key's first 1 + 8k bytes, which is
+    what the ``prompt-affinity`` scheduler matches on (the longest prefix it has seen), so
+    requests of one template reach the engine that holds that template's prefix in its
+    cache without the stage naming a key.
+    """
+    raw = prompt.encode()
+    n = min(PREFIX_BLOCKS, max(1, len(raw) // PREFIX_BLOCK))
+    out = bytearray(DERIVED)  # marks the key as a chain of block hashes
+    h = hashlib.blake2b(digest_size=8)
+    for i in range(n):
+        h.update(raw[i * PREFIX_BLOCK : (i + 1) * PREFIX_BLOCK])
+        out += h.copy().digest()
+    return bytes(out)
 
 
 def current_context() -> Context:

@@ -198,6 +198,11 @@ class Worker:
             int(welcome.get("child_tag", 0)),
             self.stage.aggregate_level or 0,
             frozenset(q for q in self.stage.outputs if self.pipeline.feeds_fanout(q)),
+            {
+                q: resolve(self.pipeline.queues[q].prompt or "", what="prompt function")
+                for q in self.stage.outputs
+                if self.pipeline.queues[q].prompt
+            },
         )
         limit = anyio.Semaphore(1 if self.stage.stateful else self.stage.concurrency)
         reporting = anyio.CancelScope()

@@ -88,6 +88,8 @@ from zlib import crc32
 
 from alto._errors import AltoError, PluginError, UnknownPluginError
 
+_DERIVED = b"\x00"  # the first byte of a key derived from a prompt (alto._stage.DERIVED)
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ConsistentHash",
@@ -430,6 +432,13 @@ class PromptAffinity(Scheduler):
     again when next seen; new instances receive new keys first. Not consistent across
     runtimes (the table lives in this runtime), which a single central runtime does not need.
 
+    Keys derived from the prompt itself (a queue's ``prompt`` function in the pipeline file;
+    ``alto._stage.prefix_key``: chains of block hashes) are matched by prefix: a prompt
+    never seen goes home with the longest prefix it shares with one that was, as SGLang's
+    cache-aware router and llm-d's prefix scorer match prompts, so requests of one
+    template stay together however their tails differ. Cost: at most 8 dict lookups for a
+    new key.
+
     Options:
         load_factor: ``c``, at least 1 (as for prompt-sticky).
         max_keys: the table's size; the least recently used key is forgotten past it.
@@ -449,6 +458,24 @@ class PromptAffinity(Scheduler):
         self._home: OrderedDict[bytes, int] = OrderedDict()
         self._keys_of: dict[int, int] = {}
 
+    def _longest_prefix_home(self, key: bytes) -> int | None:
+        for end in range(len(key) - 8, 8, -8):
+            home = self._home.get(key[:end])
+            if home is not None:
+                return home
+        return None
+
+    def _remember(self, key: bytes, home: int) -> None:
+        old = self._home.get(key)
+        if old is not None:
+            self._keys_of[old] -= 1
+        self._home[key] = home
+        self._home.move_to_end(key)
+        self._keys_of[home] += 1
+        if len(self._home) > self._max_keys:
+            _, evicted = self._home.popitem(last=False)
+            self._keys_of[evicted] -= 1
+
     def _instances_changed(self) -> None:
         live = set(self._instances)
         for key in [k for k, i in self._home.items() if i not in live]:
@@ -461,15 +488,21 @@ class PromptAffinity(Scheduler):
         if key is None or not self._instances:
             return self._least_outstanding(loads)
         home = self._home.get(key)
-        if home is None:
-            home = min(self._instances, key=lambda i: (self._keys_of[i], loads[i]))
-            self._home[key] = home
-            self._keys_of[home] += 1
-            if len(self._home) > self._max_keys:
-                _, old = self._home.popitem(last=False)
-                self._keys_of[old] -= 1
-        else:
+        if home is not None:
             self._home.move_to_end(key)
+        else:
+            derived = key[:1] == _DERIVED
+            # A key derived from the prompt (alto._stage.prefix_key) is a chain of 8-byte
+            # block hashes: a new prompt goes where the longest prefix it shares with an
+            # earlier one went, since that engine's cache holds those blocks.
+            home = self._longest_prefix_home(key) if derived else None
+            if home is None:
+                home = min(self._instances, key=lambda i: (self._keys_of[i], loads[i]))
+            if derived:
+                for end in range(9, len(key) + 1, 8):
+                    self._remember(key[:end], home)
+            else:
+                self._remember(key, home)
         load = loads[home]
         if not load:
             return home

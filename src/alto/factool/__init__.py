@@ -7,6 +7,9 @@ from ._stages import (
     GenerateQueries,
     Rerank,
     StreamingBM25,
+    claims_prompt,
+    qa_prompt,
+    queries_prompt,
 )
 
 __all__ = [
@@ -16,4 +19,7 @@ __all__ = [
     "GenerateQueries",
     "Rerank",
     "StreamingBM25",
+    "claims_prompt",
+    "qa_prompt",
+    "queries_prompt",
 ]

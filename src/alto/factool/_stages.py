@@ -87,8 +87,27 @@ Claim: {claim}
 Queries:
 -"""
 
-# Prompt keys: what prompt-sticky routing keys on (the template, shared by all requests).
+# The engine-side name of each template (llama.cpp's and the emulated engine's prefix
+# caches are per engine; prompt-aware routing keys on the prompt itself: see the queues'
+# ``prompt`` functions below and the pipeline files).
 QA_KEY, CLAIMS_KEY, QUERIES_KEY = "factool-qa-v1", "factool-claims-v1", "factool-queries-v1"
+
+
+def qa_prompt(q: Question) -> str:
+    """The question-answering prompt for ``q``."""
+    return QA_PROMPT.format(question=q.question.strip())
+
+
+def claims_prompt(a: Answer) -> str:
+    """The claim-extraction prompt for an answer (or one sentence of it). Named by the
+    ``answers`` queue's ``prompt`` in the pipeline files, so that the QA stage's writes
+    carry a prompt key derived from it (prefix-aware routing into claim extraction)."""
+    return CLAIMS_PROMPT.format(text=a.text or "(no answer)")
+
+
+def queries_prompt(c: Claim) -> str:
+    """The query-generation prompt for a claim (the ``claims`` queue's ``prompt``)."""
+    return QUERIES_PROMPT.format(claim=c.text)
 
 
 class _LMStage:
@@ -189,7 +208,7 @@ class AnswerQuestion(_LMStage):
         text = ""
         sent = 0  # characters of text already sent as sentences
         async with aclosing(
-            self._gen(QA_PROMPT.format(question=q.question.strip()), ["\n", "Q:"], QA_KEY, ctx)
+            self._gen(qa_prompt(q), ["\n", "Q:"], QA_KEY, ctx)
         ) as gen:
             async for piece in gen:
                 text += piece
@@ -205,7 +224,7 @@ class AnswerQuestion(_LMStage):
             )
             return
         answer = Answer(question_id=q.id, question=q.question, text=text.strip())
-        await ctx.write("answers", answer, prompt_key=CLAIMS_KEY)
+        await ctx.write("answers", answer)
         await ctx.write("answer_out", answer)
 
     async def _send_sentence(self, q: Question, ctx: Context, sentence: str) -> None:
@@ -213,7 +232,6 @@ class AnswerQuestion(_LMStage):
             await ctx.write(
                 "answers",
                 Answer(question_id=q.id, question=q.question, text=sentence.strip()),
-                prompt_key=CLAIMS_KEY,
             )
 
 
@@ -223,7 +241,7 @@ class ExtractClaims(_LMStage):
         self.max_claims = max_claims
 
     async def process(self, a: Answer, ctx: Context) -> None:
-        prompt = CLAIMS_PROMPT.format(text=a.text or "(no answer)")
+        prompt = claims_prompt(a)
         seen: set[str] = set()
         emitted = 0
 
@@ -236,7 +254,7 @@ class ExtractClaims(_LMStage):
             emitted += 1
             claim = Claim(question_id=a.question_id, text=item)
             async with ctx.child() as child:  # one key-path id for both copies of the claim
-                await child.write("claims", claim, prompt_key=QUERIES_KEY)
+                await child.write("claims", claim)
                 await child.write("claims_out", claim)
             return emitted < self.max_claims
 
@@ -263,7 +281,7 @@ class GenerateQueries(_LMStage):
         self.max_queries = max_queries
 
     async def process(self, c: Claim, ctx: Context) -> None:
-        prompt = QUERIES_PROMPT.format(claim=c.text)
+        prompt = queries_prompt(c)
         if not self.stream:
             pieces: list[str] = []
             async with aclosing(self._gen(prompt, ["\n\n", "Claim:"], QUERIES_KEY, ctx)) as gen:
