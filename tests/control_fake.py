@@ -25,7 +25,7 @@ from typing import Any
 import trio
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from alto._errors import OverloadedError
+from alto._errors import AltoError, OverloadedError
 from alto.dataplane._stats import (
     InstanceState,
     InstanceStatistics,
@@ -479,3 +479,57 @@ def start_instance(fake: FakeRuntime, stage: str) -> int:
     iid = max(fake.instances)
     fake.instances[iid].state = InstanceState.STARTING
     return iid
+
+
+# -- instance limits -----------------------------------------------------------------------
+
+
+class LimitedFakeRuntime(FakeRuntime):
+    """The wordcount FakeRuntime with the real runtime's scaling limits.
+
+    ``max_instances`` caps the instances of all stages together (``[runtime]
+    max_instances``), ``stage_limits`` caps single stages; a count past either raises
+    ValueError naming the limit, as ``Runtime.scale`` does, and starts nothing.
+    ``launcher=False`` makes scaling up raise AltoError ("no launcher"), as a runtime whose
+    instances connect on their own does.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_instances: int = 8,
+        stage_limits: dict[str, int] | None = None,
+        launcher: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.max_instances = max_instances
+        self.stage_limits = dict(stage_limits or {})
+        self.launcher = launcher
+
+    def _limit(self, stage: str) -> int:
+        return min(self.stage_limits.get(stage, self.max_instances), self.max_instances)
+
+    def statistics(self) -> RuntimeStatistics:
+        stats = super().statistics()
+        stages = tuple(
+            dataclasses.replace(s, max_instances=self._limit(s.name)) for s in stats.stages
+        )
+        return dataclasses.replace(stats, stages=stages, max_instances=self.max_instances)
+
+    async def scale(self, stage: str, instances: int) -> None:
+        target = self.stages[stage]  # KeyError for an unknown stage
+        if instances > self._limit(stage):
+            raise ValueError(
+                f"stage {stage!r} may have at most {self._limit(stage)} instances "
+                f"(its max_instances); asked for {instances}"
+            )
+        others = sum(s.target for s in self.stages.values() if s is not target)
+        if others + instances > self.max_instances:
+            raise ValueError(
+                f"the runtime may run at most {self.max_instances} instance processes "
+                f"([runtime] max_instances); {others} run for other stages"
+            )
+        if not self.launcher and instances > len(target.instances):
+            raise AltoError("this runtime has no launcher: start instances yourself")
+        await super().scale(stage, instances)

@@ -21,7 +21,10 @@ Endpoints (``GET /openapi.json`` describes them):
 
 Mutating endpoints need ``Authorization: Bearer <token>`` when a token is configured.
 Every refusal is a 4xx with a JSON body ``{"error": message}``; bad input never becomes a
-500.
+500. Which status means what (a scale request past ``max_instances`` is a 409, as is one
+that a runtime without a launcher cannot carry out) is listed in
+:mod:`alto.control._openapi`. ``tests/test_http_fuzz.py`` fuzzes every endpoint from the
+served ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ from hypercorn.typing import (
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request, send_from_directory
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from .._errors import OverloadedError
+from .._errors import AltoError, OverloadedError, truncate_error
 from ..dataplane._stats import (
     InstanceStatistics,
     RequestEvent,
@@ -66,7 +69,7 @@ from ..dataplane._stats import (
     StageStatistics,
 )
 from ._metrics import IngressStats, open_registry
-from ._openapi import openapi_document
+from ._openapi import JSON_MEDIA_TYPES, STREAM_FLAGS, openapi_document
 from ._probes import readiness
 from ._stream import DEFAULT_KEEPALIVE_S, KeepaliveBody, StatsHub, check_keepalive, stats_events
 
@@ -97,6 +100,8 @@ class _Refusal(Exception):
     """An HTTP 4xx answer with a JSON error body, raised from inside a handler."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        # Bounded: a parse error may quote the offending input, which may be megabytes.
+        message = truncate_error(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -140,6 +145,7 @@ def _stage_dict(stage: StageStatistics) -> dict[str, Any]:
         "outputs": list(stage.outputs),
         "instances": list(stage.instances),
         "target_instances": stage.target_instances,
+        "max_instances": stage.max_instances,
         "frames_processed": stage.frames_processed,
         "errors": stage.errors,
     }
@@ -201,26 +207,67 @@ def _pipeline_dict(stats: RuntimeStatistics) -> dict[str, Any]:
         },
         "frames_relayed": stats.frames_relayed,
         "scale_events": stats.scale_events,
+        "max_instances": stats.max_instances,
     }
 
 
+def _check_json_media_type() -> None:
+    """A body declared as something other than JSON is refused (415) before it is read."""
+    declared = request.headers.get("Content-Type")
+    if declared is None:
+        return
+    media = declared.partition(";")[0].strip().lower()
+    if media in JSON_MEDIA_TYPES or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise _Refusal(
+        415,
+        f"Content-Type {declared[:100]!r} is not JSON; send the body as application/json",
+    )
+
+
 async def _read_json() -> Any:
+    _check_json_media_type()
     raw = await request.get_data(cache=False, as_text=False)
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and the ValueError of an integer literal
+        # past Python's int_max_str_digits (4300 digits).
         raise _Refusal(400, f"malformed JSON body: {exc}") from exc
+    except RecursionError as exc:
+        # json's C scanner refuses nesting past the interpreter's recursion limit this way.
+        raise _Refusal(400, "malformed JSON body: nested too deeply") from exc
+
+
+def _instance_count(body: Any) -> int:
+    """N from a scale body ``{"instances": N}``; anything else is a 400 saying what is
+    expected. An integral float (``4.0``) counts, as JSON Schema's integers do; the upper
+    bound is the runtime's to check (a 409 naming the limit)."""
+    expected = 'expected a JSON object {"instances": N} with an integer N >= 1'
+    if not isinstance(body, dict):
+        raise _Refusal(400, f"{expected}, got {type(body).__name__}")
+    unknown = [key for key in body if key != "instances"]
+    if unknown:
+        raise _Refusal(400, f"{expected}; unknown key {unknown[0][:100]!r} (allowed: instances)")
+    count = body.get("instances")
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise _Refusal(400, f"{expected}; instances is {json.dumps(count)[:100]}")
+    if count < 1:
+        raise _Refusal(400, f"{expected}; a stage needs at least 1 instance, not {count}")
+    return count
 
 
 def _wants_stream() -> bool:
     flag = request.args.get("stream")
     if flag is not None:
-        value = flag.strip().lower()
-        if value in ("", "1", "true", "yes"):
+        # Exactly the values /openapi.json lists: a flag that is not one is a typo.
+        if flag in STREAM_FLAGS[:3]:
             return True
-        if value in ("0", "false", "no"):
+        if flag in STREAM_FLAGS[3:]:
             return False
-        raise _Refusal(400, f"stream must be true or false, not {flag!r}")
+        raise _Refusal(400, f"stream must be true or false (also 1/0, yes/no), not {flag[:100]!r}")
     best = request.accept_mimetypes.best_match(["text/event-stream", "application/json"])
     return best != "application/json"
 
@@ -344,6 +391,47 @@ class _CloseAfterEarlyAnswer:
         await self._app(scope, tracking_receive, closing_send)
 
 
+# How long the last piece of a response may take to leave once the app is being cancelled
+# (the client went away, or quart-trio's response timeout): it is written to a socket
+# buffer, so only a peer that stopped reading makes it wait.
+_LAST_SEND_GRACE_S = 10.0
+
+
+class _ShieldLastSend:
+    """ASGI middleware: the last ``send`` of a response runs shielded from cancellation.
+
+    Why: hypercorn finishes a response inside that ``send``: it ends the message, tells
+    the app the stream closed (``http.disconnect``) and then, when the connection must not
+    be reused (``Connection: close``, HTTP/1.0), closes it. quart-trio cancels the app's
+    task as soon as its message reader sees that ``http.disconnect``, which cancels the
+    close half-way: the socket then stays open until hypercorn's keep-alive timeout, and a
+    client that reads until EOF waits that long for an answer it already has. The shield
+    lets the close finish; its own deadline bounds it.
+    """
+
+    def __init__(
+        self, app: Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+    ) -> None:
+        self._app = app
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def finishing_send(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True) as shield:
+                    shield.relative_deadline = _LAST_SEND_GRACE_S
+                    await send(message)
+            else:
+                await send(message)
+
+        await self._app(scope, receive, finishing_send)
+
+
 def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         name = name.lower()
@@ -401,8 +489,11 @@ def create_app(
     static_dir = (dashboard_dir if dashboard_dir is not None else default_dashboard_dir()).resolve()
     app = QuartTrio("alto.control")
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BODY
+    # No redirects from `//` to `/`: /dashboard//etc/passwd names an absolute path, which
+    # is refused (404) like every name outside the dashboard directory.
+    app.url_map.merge_slashes = False
     # Quart's documented place for ASGI middleware (Quart.asgi_app's docstring).
-    app.asgi_app = _CloseAfterEarlyAnswer(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = _ShieldLastSend(_CloseAfterEarlyAnswer(app.asgi_app))  # type: ignore[method-assign]
     registry, ingress = open_registry(runtime)
     hub = StatsHub(runtime, ingress, stream_interval)
     types: dict[str, Any] = {}
@@ -418,7 +509,17 @@ def create_app(
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        return _json_response({"error": f"{exc.name}: {exc.description}"}, status)
+        # Keep what the exception says besides its body: a 405's Allow above all.
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        path = request.path[:200]
+        if isinstance(exc, NotFound):
+            message = f"no endpoint or file at {path!r}; the endpoints are listed at /openapi.json"
+        elif isinstance(exc, MethodNotAllowed):
+            allowed = ", ".join(exc.valid_methods or ())
+            message = f"{request.method} is not allowed on {path!r}; allowed: {allowed}"
+        else:
+            message = f"{exc.name}: {exc.description}"
+        return _json_response({"error": message}, status, headers)
 
     @app.errorhandler(Exception)
     async def _internal_error(exc: Exception) -> Response:
@@ -470,6 +571,9 @@ def create_app(
 
     @app.get("/api/stream")
     async def stream() -> Response:
+        if request.method == "HEAD":
+            # No body will be sent: an endless generator would hold the connection forever.
+            return Response(b"", mimetype="text/event-stream", headers=_SSE_HEADERS)
         response = Response(
             stats_events(hub, keepalive), mimetype="text/event-stream", headers=_SSE_HEADERS
         )
@@ -499,7 +603,10 @@ def create_app(
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return _json_response(openapi_document())
+        document = openapi_document(
+            runtime.statistics(), runtime.input_type(), auth=token is not None
+        )
+        return _json_response(document)
 
     # -- commands -------------------------------------------------------------------
 
@@ -507,16 +614,15 @@ def create_app(
     async def scale(stage: str) -> Response:
         check_token()
         find_stage(runtime.statistics(), stage)
-        body = await _read_json()
-        count = body.get("instances") if isinstance(body, dict) else None
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise _Refusal(400, 'expected a JSON object {"instances": N} with an integer N >= 1')
+        count = _instance_count(await _read_json())
         try:
             await runtime.scale(stage, count)
         except KeyError as exc:
             raise _Refusal(404, f"unknown stage {stage!r}") from exc
-        except ValueError as exc:
-            raise _Refusal(400, str(exc)) from exc
+        except (ValueError, AltoError) as exc:
+            # Well-formed, but refused by the runtime's limits (the message names the
+            # limit) or its state (no launcher): a conflict, as draining a last instance is.
+            raise _Refusal(409, str(exc)) from exc
         return _json_response(_stage_dict(find_stage(runtime.statistics(), stage)))
 
     @app.post("/api/instances/<int:instance_id>/drain")
@@ -546,7 +652,14 @@ def create_app(
         input_type = runtime.input_type()
         try:
             message = json_format.ParseDict(body, input_type())
-        except (json_format.ParseError, TypeError, ValueError, AttributeError, KeyError) as exc:
+        except (
+            json_format.ParseError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            KeyError,
+            RecursionError,
+        ) as exc:
             raise _Refusal(
                 400, f"input does not fit {input_type.DESCRIPTOR.full_name}: {exc}"
             ) from exc
@@ -609,7 +722,17 @@ def create_app(
     async def dashboard_file(filename: str) -> Response:
         if not static_dir.is_dir():
             raise _Refusal(404, f"no dashboard at {static_dir}")
-        response = await send_from_directory(static_dir, filename)
+        try:
+            response = await send_from_directory(static_dir, filename)
+        except NotFound as exc:
+            raise _Refusal(
+                404,
+                f"no dashboard file {filename[:100]!r}: only files inside the dashboard "
+                "directory are served",
+            ) from exc
+        except OSError as exc:
+            # A name the file system refuses (too long, say) names no dashboard file.
+            raise _Refusal(404, f"no dashboard file {filename[:100]!r}: {exc.strerror}") from exc
         response.cache_control.no_cache = True
         return response
 

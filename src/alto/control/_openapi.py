@@ -1,8 +1,44 @@
-"""The OpenAPI 3.1 description served at ``GET /openapi.json`` (written by hand)."""
+"""The OpenAPI 3.1 description served at ``GET /openapi.json``.
+
+Written by hand, except the ingress request body: its schema is derived from the pipeline's
+protobuf input type (:mod:`alto.control._jsonschema`), and the path parameters that name a
+pipeline or a stage list the served ones. The scale body's upper bound is the runtime's
+``max_instances``. Every refusal is documented with its JSON body ``{"error": message}``,
+so a client generated from (or a fuzzer driven by) this document knows every answer.
+
+Status codes of refusals, the same on every endpoint:
+
+- 400: the request is malformed (not JSON, not the expected shape, not the input type);
+- 401: no bearer token, or the wrong one (only when the server has a token);
+- 404: no such stage, instance, pipeline, path or dashboard file;
+- 405: a method the path does not take (``Allow`` lists those it does);
+- 409: well-formed, but the runtime's limits or state refuse it: past a stage's or the
+  runtime's ``max_instances``, draining a stage's last instance, no launcher to start
+  instances with;
+- 413: a body past 16 MiB, or an input too large for one frame;
+- 415: a body in a media type that is not JSON;
+- 429: past ``max_inflight_requests`` (``Retry-After`` says when to retry).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
+
+from ..dataplane._stats import RuntimeStatistics
+from ._jsonschema import message_schema
+
+__all__ = ["JSON_MEDIA_TYPES", "STREAM_FLAGS", "openapi_document"]
+
+# Media types a JSON body may be declared as. Besides JSON itself: what `curl -d` sends
+# (form-urlencoded) and what `fetch` sends for a string body (text/plain), so that the
+# README's one-liners work; anything else is a 415.
+JSON_MEDIA_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/plain")
+
+# The values of the ingress's `stream` query parameter: three for true, three for false.
+STREAM_FLAGS = ("true", "1", "yes", "false", "0", "no")
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -11,91 +47,253 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return _json(_ERROR, description)
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = _json(_ERROR, description)
+    if headers:
+        response["headers"] = headers
+    return response
 
 
 _UNAUTHORIZED = _error(
-    "No bearer token, or the wrong one, while the server is configured with a token. "
-    "The response carries `WWW-Authenticate: Bearer`."
+    "No bearer token, or the wrong one (the server was started with a token).",
+    {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="alto"'}},
+)
+_TOO_LARGE = _error("The body is larger than 16 MiB")
+_UNSUPPORTED = _error(
+    "The body's Content-Type is not JSON (allowed: "
+    + ", ".join(JSON_MEDIA_TYPES)
+    + ", any +json type, or none)"
 )
 
+_REQUEST_ID = {"type": "integer", "minimum": 0}
+# The events of one request's result stream, and their data.
+_REQUEST_EVENTS: dict[str, dict[str, Any]] = {
+    "accepted": {
+        "type": "object",
+        "required": ["request_id"],
+        "properties": {"request_id": _REQUEST_ID},
+    },
+    "result": {"$ref": "#/components/schemas/Result"},
+    "done": {
+        "type": "object",
+        "required": ["request_id", "results", "latency_s"],
+        "properties": {
+            "request_id": _REQUEST_ID,
+            "results": {"type": "integer", "minimum": 0},
+            "latency_s": {"type": "number", "minimum": 0},
+        },
+    },
+    "error": {
+        "type": "object",
+        "required": ["request_id", "message"],
+        "properties": {"request_id": _REQUEST_ID, "message": {"type": "string"}},
+    },
+}
 
-def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
+_READINESS = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"enum": ["ready", "not ready"]},
+        "ready_instances": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "stages": {"type": "array", "items": {"type": "object"}},
+        "error": {"type": "string"},
+    },
+}
+
+_STAGE = {
+    "type": "object",
+    "required": ["name", "instances", "target_instances", "max_instances"],
+    "properties": {
+        "name": {"type": "string"},
+        "scheduler": {"type": "string"},
+        "stateful": {"type": "boolean"},
+        "aggregate_level": {"type": ["integer", "null"]},
+        "fanout": {"type": "boolean"},
+        "inputs": {"type": "array", "items": {"type": "string"}},
+        "outputs": {"type": "array", "items": {"type": "string"}},
+        "instances": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": "ids of its instances that have not ended (starting ones too)",
+        },
+        "target_instances": {"type": "integer", "minimum": 0},
+        "max_instances": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "the most instances it may have (0: not reported)",
+        },
+        "frames_processed": {"type": "integer"},
+        "errors": {"type": "integer"},
+    },
+}
+
+_INSTANCE = {
+    "type": "object",
+    "required": ["id", "stage", "state"],
+    "properties": {
+        "id": {"type": "integer"},
+        "stage": {"type": "string"},
+        "state": {"enum": ["starting", "ready", "draining", "stopped", "crashed"]},
+        "queue_depth": {"type": "integer"},
+        "credits": {"type": "integer"},
+        "credits_in_use": {"type": "integer"},
+        "backlog": {"type": "integer"},
+        "open_groups": {"type": "integer"},
+        "frames_in": {"type": "integer"},
+        "frames_out": {"type": "integer"},
+        "pid": {"type": ["integer", "null"]},
+        "last_error": {"type": ["string", "null"]},
+    },
+}
+
+
+def _sse(events: dict[str, dict[str, Any]], description: str) -> dict[str, Any]:
+    """An event stream; ``events`` maps each event name to the schema of its JSON data.
+    (In OpenAPI 3.1 the schema of ``text/event-stream`` describes one event.)"""
+    branches = [
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": name},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": data,
+                },
+                "id": {"type": "string"},
+                "retry": {"type": "integer"},
+            },
+        }
+        for name, data in events.items()
+    ]
+    return {
+        "description": description,
+        "content": {
+            "text/event-stream": {
+                "schema": branches[0] if len(branches) == 1 else {"oneOf": branches}
+            }
+        },
+    }
+
+
+def _input_body(
+    input_type: type[Message] | None, components: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    if input_type is None:
+        return {}, "The JSON form of the pipeline's input message."
+    desc = cast(Descriptor, input_type.DESCRIPTOR)  # the upb descriptor type behaves alike
+    schema = message_schema(desc, components)
+    return schema, (
+        f"The JSON form of the pipeline's input message {desc.full_name} (protobuf's JSON "
+        "mapping, as json_format reads it: 64-bit integers as strings or numbers, bytes as "
+        "base64, enums by name, repeated fields as arrays; a field under its lowerCamelCase "
+        "or its original name; unknown fields are refused)."
+    )
+
+
+def _limit(stats: RuntimeStatistics) -> int | None:
+    """The largest count a scale request can ever be granted, if the runtime reports one."""
+    limits = [s.max_instances for s in stats.stages if s.max_instances > 0]
+    if stats.max_instances > 0:
+        limits.append(stats.max_instances)
+    return max(limits) if limits else None
+
+
+def openapi_document(
+    stats: RuntimeStatistics,
+    input_type: type[Message] | None,
+    *,
+    auth: bool,
+    version: str = "0.1.0",
+) -> dict[str, Any]:
+    """The document for the runtime that ``stats`` describes.
+
+    ``input_type`` is the pipeline's input message class (``None``: an unconstrained body);
+    ``auth`` says whether the mutating endpoints need a bearer token.
+
+    Raises ValueError when the input type has a field with no JSON mapping.
+    """
+    components: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string", "minLength": 1}},
+            "description": "What was wrong, and what is allowed.",
+        },
+        "Stage": _STAGE,
+        "Instance": _INSTANCE,
+        "Edge": {
+            "type": "object",
+            "properties": {
+                "from": {"type": "string", "description": "a stage, or `ingress`"},
+                "queue": {"type": "string"},
+                "to": {"type": "string", "description": "a stage, or `sink`"},
+                "routing": {
+                    "type": "string",
+                    "description": "the scheduler of the stage the edge enters",
+                },
+                "aggregate_level": {"type": ["integer", "null"]},
+            },
+        },
+        "Result": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "integer"},
+                "queue": {"type": "string"},
+                "key_path": {"type": "array", "items": {"type": "integer"}},
+                "output": {"description": "the JSON form of the queue's protobuf message"},
+                "payload_base64": {
+                    "type": "string",
+                    "description": "only when the output could not be decoded",
+                },
+                "decode_error": {"type": "string"},
+            },
+        },
+    }
+    body_schema, body_description = _input_body(input_type, components)
+    secured: dict[str, Any] = {"security": [{"bearer": []}]} if auth else {}
+    unauthorized: dict[str, Any] = {"401": _UNAUTHORIZED} if auth else {}
+    stage_names = [s.name for s in stats.stages]
+    limit = _limit(stats)
+    instances_schema: dict[str, Any] = {"type": "integer", "minimum": 1}
+    if limit is not None:
+        instances_schema["maximum"] = limit
+    stage_limits = "; ".join(
+        f"{s.name}: {s.max_instances}" for s in stats.stages if s.max_instances > 0
+    )
+    scale_limits = (
+        "A count past the stage's `max_instances` "
+        + (f"({stage_limits}) " if stage_limits else "")
+        + "or one that would take the runtime past its `[runtime] max_instances` "
+        + (f"({stats.max_instances}) " if stats.max_instances else "")
+        + "instance processes is refused with 409, and nothing is started."
+    )
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": "alto control plane",
+            "title": f"alto control plane: pipeline {stats.pipeline}",
             "version": version,
             "description": (
                 "Status, live statistics, scaling and request ingress of one alto runtime. "
-                "Mutating endpoints need `Authorization: Bearer <token>` when the server was "
-                'started with a token. Errors are JSON objects `{"error": message}`.'
+                + (
+                    "Mutating endpoints and the ingress need `Authorization: Bearer <token>`. "
+                    if auth
+                    else "This server has no token: nothing needs authentication. "
+                )
+                + 'Every refusal is a 4xx with a JSON body `{"error": message}`.'
             ),
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {"error": {"type": "string"}},
-                },
-                "Stage": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "scheduler": {"type": "string"},
-                        "stateful": {"type": "boolean"},
-                        "aggregate_level": {"type": ["integer", "null"]},
-                        "fanout": {"type": "boolean"},
-                        "inputs": {"type": "array", "items": {"type": "string"}},
-                        "outputs": {"type": "array", "items": {"type": "string"}},
-                        "instances": {"type": "array", "items": {"type": "integer"}},
-                        "target_instances": {"type": "integer"},
-                        "frames_processed": {"type": "integer"},
-                        "errors": {"type": "integer"},
-                    },
-                },
-                "Edge": {
-                    "type": "object",
-                    "properties": {
-                        "from": {"type": "string", "description": "a stage, or `ingress`"},
-                        "queue": {"type": "string"},
-                        "to": {"type": "string", "description": "a stage, or `sink`"},
-                        "routing": {
-                            "type": "string",
-                            "description": "the scheduler of the stage the edge enters",
-                        },
-                    },
-                },
-                "Instance": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "stage": {"type": "string"},
-                        "state": {"enum": ["starting", "ready", "draining", "stopped", "crashed"]},
-                        "queue_depth": {"type": "integer"},
-                        "credits": {"type": "integer"},
-                        "credits_in_use": {"type": "integer"},
-                        "backlog": {"type": "integer"},
-                        "open_groups": {"type": "integer"},
-                        "frames_in": {"type": "integer"},
-                        "frames_out": {"type": "integer"},
-                        "pid": {"type": ["integer", "null"]},
-                        "last_error": {"type": ["string", "null"]},
-                    },
-                },
-                "Result": {
-                    "type": "object",
-                    "properties": {
-                        "request_id": {"type": "integer"},
-                        "queue": {"type": "string"},
-                        "key_path": {"type": "array", "items": {"type": "integer"}},
-                        "output": {"description": "the JSON form of the queue's protobuf message"},
-                    },
-                },
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the token given to `alto serve --token` (or ALTO_TOKEN)",
+                }
             },
+            "schemas": components,
         },
         "paths": {
             "/api/pipeline": {
@@ -105,6 +303,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "200": _json(
                             {
                                 "type": "object",
+                                "required": ["pipeline", "stages", "edges", "instances"],
                                 "properties": {
                                     "pipeline": {"type": "string"},
                                     "stages": {
@@ -120,6 +319,11 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                                         "type": "array",
                                         "items": {"$ref": "#/components/schemas/Instance"},
                                     },
+                                    "requests": {"type": "object"},
+                                    "max_instances": {
+                                        "type": "integer",
+                                        "description": "the runtime's limit on instance processes (0: not reported)",
+                                    },
                                 },
                             },
                             "The pipeline's shape and current instances",
@@ -134,6 +338,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                         "200": _json(
                             {
                                 "type": "object",
+                                "required": ["instances"],
                                 "properties": {
                                     "instances": {
                                         "type": "array",
@@ -150,28 +355,49 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "get": {
                     "summary": "Server-Sent Events: one `stats` event per stream interval",
                     "description": (
-                        "Each event carries per-instance queue depth, rates (frames/s, "
-                        "requests/s) and ingress latency p50/p99. A new client gets the current "
-                        "state at once; a slow client skips to the latest event."
+                        "Each event carries per-instance state and queue depth, rates "
+                        "(frames/s, requests/s) and ingress latency p50/p99. A new client gets "
+                        "the current state at once; a slow client skips to the latest event. "
+                        "The stream does not end."
                     ),
                     "responses": {
-                        "200": {
-                            "description": "an endless event stream",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                        }
+                        "200": _sse(
+                            {
+                                "stats": {
+                                    "type": "object",
+                                    "required": ["seq", "pipeline", "time", "stages", "instances"],
+                                    "properties": {
+                                        "seq": {"type": "integer"},
+                                        "pipeline": {"type": "string"},
+                                        "time": {"type": "number"},
+                                        "stages": {"type": "array", "items": {"type": "object"}},
+                                        "instances": {"type": "array", "items": {"type": "object"}},
+                                    },
+                                }
+                            },
+                            "an endless event stream",
+                        )
                     },
                 }
             },
             "/api/stages/{stage}/scale": {
                 "post": {
-                    "summary": "Scale a stage to a number of instances",
-                    "security": [{"bearer": []}],
+                    "summary": "Set a stage's number of instances",
+                    "description": (
+                        "Answers at once with the new target: new instances start in the "
+                        "background (`starting`, then `ready` in `/api/instances` and the "
+                        "stream); surplus ones drain (no new groups, pinned work finishes, "
+                        "then they stop). " + scale_limits
+                    ),
+                    **secured,
                     "parameters": [
                         {
                             "name": "stage",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "enum": stage_names}
+                            if stage_names
+                            else {"type": "string"},
                         }
                     ],
                     "requestBody": {
@@ -181,37 +407,60 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                                 "schema": {
                                     "type": "object",
                                     "required": ["instances"],
-                                    "properties": {"instances": {"type": "integer", "minimum": 1}},
+                                    "properties": {"instances": instances_schema},
+                                    "additionalProperties": False,
                                 }
                             }
                         },
                     },
                     "responses": {
                         "200": _json(
-                            {"$ref": "#/components/schemas/Stage"}, "The stage after scaling"
+                            {"$ref": "#/components/schemas/Stage"},
+                            "The stage with its new target (new instances may still be starting)",
                         ),
-                        "400": _error("Malformed JSON, or a count that is not an integer >= 1"),
-                        "401": _UNAUTHORIZED,
+                        "400": _error(
+                            'Malformed JSON, or not an object {"instances": N} with an integer N >= 1'
+                        ),
+                        **unauthorized,
                         "404": _error("Unknown stage"),
+                        "409": _error(
+                            "Past the stage's or the runtime's max_instances (the message names "
+                            "the limit), or the runtime has no launcher to start instances with"
+                        ),
+                        "413": _TOO_LARGE,
+                        "415": _UNSUPPORTED,
                     },
                 }
             },
             "/api/instances/{instance_id}/drain": {
                 "post": {
                     "summary": "Drain an instance: no new groups, finish pinned work, then stop",
-                    "security": [{"bearer": []}],
+                    "description": "Lowers its stage's target by one.",
+                    **secured,
                     "parameters": [
                         {
                             "name": "instance_id",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "integer"},
+                            "schema": {"type": "integer", "minimum": 0},
                         }
                     ],
                     "responses": {
-                        "202": _json({"type": "object"}, "Draining has begun"),
-                        "401": _UNAUTHORIZED,
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "required": ["instance", "state"],
+                                "properties": {
+                                    "instance": {"type": "integer"},
+                                    "state": {"type": "string"},
+                                },
+                            },
+                            "Draining has begun (or the instance had already ended)",
+                        ),
+                        **unauthorized,
                         "404": _error("Unknown instance"),
+                        "409": _error("The last instance of its stage: scale the stage up first"),
+                        "413": _TOO_LARGE,
                     },
                 }
             },
@@ -219,43 +468,47 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "post": {
                     "summary": "Submit one request and stream its results back",
                     "description": (
-                        "The body is the JSON form of the pipeline's input protobuf message. By "
-                        "default the response is an SSE stream of `accepted`, `result`... and "
-                        "then `done` or `error` events. With `?stream=false` or "
+                        "By default the response is an SSE stream of `accepted`, `result`... "
+                        "and then `done` or `error` events. With `?stream=false` or "
                         "`Accept: application/json` the response is one JSON object once the "
-                        "request has finished."
+                        "request has finished. Closing the connection cancels the request."
                     ),
-                    "security": [{"bearer": []}],
+                    **secured,
                     "parameters": [
                         {
                             "name": "name",
                             "in": "path",
                             "required": True,
-                            "schema": {"type": "string"},
+                            "description": "the pipeline this runtime serves",
+                            "schema": {"type": "string", "enum": [stats.pipeline]},
                         },
                         {
                             "name": "stream",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "boolean", "default": True},
+                            "description": "false: one JSON answer instead of SSE",
+                            "schema": {"enum": list(STREAM_FLAGS), "default": "true"},
                         },
                     ],
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": {}}},
+                        "description": body_description,
+                        "content": {"application/json": {"schema": body_schema}},
                     },
                     "responses": {
                         "200": {
                             "description": "Results, streamed or collected",
                             "content": {
-                                "text/event-stream": {"schema": {"type": "string"}},
+                                **_sse(_REQUEST_EVENTS, "")["content"],
                                 "application/json": {
                                     "schema": {
                                         "type": "object",
+                                        "required": ["request_id", "status", "results"],
                                         "properties": {
                                             "request_id": {"type": "integer"},
                                             "status": {"enum": ["done", "error"]},
                                             "error": {"type": "string"},
+                                            "latency_s": {"type": "number"},
                                             "results": {
                                                 "type": "array",
                                                 "items": {"$ref": "#/components/schemas/Result"},
@@ -266,15 +519,53 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                             },
                         },
                         "400": _error(
-                            "Malformed JSON, or input that does not fit the input message"
+                            "Malformed JSON, input that does not fit the input message, or a "
+                            "stream flag that is not a boolean"
                         ),
-                        "401": _UNAUTHORIZED,
+                        **unauthorized,
                         "404": _error("This runtime serves another pipeline"),
-                        "429": {
-                            "description": "Overloaded: retry after the `Retry-After` seconds",
-                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-                            "content": {"application/json": {"schema": _ERROR}},
-                        },
+                        "413": _error(
+                            "The body is larger than 16 MiB, or the input does not fit one frame"
+                        ),
+                        "415": _UNSUPPORTED,
+                        "429": _error(
+                            "Overloaded: past max_inflight_requests",
+                            {
+                                "Retry-After": {
+                                    "schema": {"type": "integer", "minimum": 1},
+                                    "description": "seconds to wait before retrying",
+                                }
+                            },
+                        ),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: the process serves HTTP (never behind the token)",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {"status": {"const": "ok"}},
+                            },
+                            "Alive",
+                        )
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: every stage has a ready instance (never behind the token)",
+                    "responses": {
+                        "200": _json(
+                            _READINESS, "Ready: a request admitted now can pass every stage"
+                        ),
+                        "503": _json(
+                            _READINESS,
+                            "Not ready: `stages` names each stage without a ready instance and why",
+                        ),
                     },
                 }
             },
@@ -293,6 +584,44 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                 "get": {
                     "summary": "This document",
                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The dashboard",
+                    "responses": {
+                        "200": {
+                            "description": "the dashboard's page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
+                        "404": _error("This server has no dashboard directory"),
+                    },
+                }
+            },
+            "/dashboard/{filename}": {
+                "get": {
+                    "summary": "The dashboard's static files",
+                    "description": "Only files inside the dashboard directory are served.",
+                    "parameters": [
+                        {
+                            "name": "filename",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the file",
+                            "content": {
+                                "text/html": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "application/octet-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "404": _error("No such file in the dashboard directory"),
+                    },
                 }
             },
         },

@@ -141,6 +141,7 @@ class StatsHub:
                     "name": stage.name,
                     "instances": list(stage.instances),
                     "target_instances": stage.target_instances,
+                    "max_instances": stage.max_instances,
                     "frames_processed": stage.frames_processed,
                     "frames_per_s": _rate(stage.frames_processed, prev_stage.frames_processed, dt),
                     "errors": stage.errors,
