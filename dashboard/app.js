@@ -50,7 +50,8 @@
     toastTimer = setTimeout(() => { node.className = "toast"; }, 3500);
   }
 
-  async function command(path, body) {
+  // `onRefused(message)` also gets a refusal's text, for a control to show it where it was used.
+  async function command(path, body, onRefused) {
     const headers = { "Content-Type": "application/json" };
     const token = tokenInput.value.trim();
     if (token) headers.Authorization = "Bearer " + token;
@@ -65,7 +66,9 @@
     try { data = await response.json(); } catch (_) { /* not JSON */ }
     if (!response.ok) {
       const hint = response.status === 401 ? " (enter the token above)" : "";
-      toast(`${response.status}: ${data.error || response.statusText}${hint}`, true);
+      const message = `${response.status}: ${data.error || response.statusText}${hint}`;
+      toast(message, true);
+      if (onRefused) onRefused(message);
       return null;
     }
     return data;
@@ -75,8 +78,21 @@
     const current = stageStats(stage);
     if (!current) return;
     const target = Math.max(1, current.target_instances + delta);
-    const data = await command(`/api/stages/${encodeURIComponent(stage)}/scale`, { instances: target });
-    if (data) toast(`${stage}: scaling to ${data.target_instances} instance${data.target_instances === 1 ? "" : "s"}`);
+    const data = await command(`/api/stages/${encodeURIComponent(stage)}/scale`, { instances: target },
+      (message) => showRefusal(stage, message));
+    if (data) {
+      showRefusal(stage, "");
+      toast(`${stage}: scaling to ${data.target_instances} instance${data.target_instances === 1 ? "" : "s"}`);
+    }
+  }
+
+  // A refused scale request (past max_instances, say) stays on its stage's card until the
+  // next one succeeds: the toast alone is gone after a few seconds.
+  function showRefusal(stage, message) {
+    const node = document.querySelector(`.stage[data-stage="${CSS.escape(stage)}"] .scale-refusal`);
+    if (!node) return;
+    node.textContent = message ? `Scaling refused: ${message}` : "";
+    node.hidden = !message;
   }
 
   async function drainInstance(id) {
@@ -277,6 +293,7 @@
     ]);
     return el("div", { class: "stage", "data-stage": stage.name, id: "stage-" + stage.name }, [
       el("div", { class: "stage-head" }, [el("span", { class: "stage-name", text: stage.name }), scale]),
+      el("div", { class: "scale-refusal", role: "alert", hidden: "" }),
       el("div", { class: "stage-badges" }, badges),
       el("div", { class: "stage-meta" }, [
         el("span", { class: "stage-rate", text: "0 frames/s" }),
@@ -848,6 +865,10 @@
       const ready = instances.filter((i) => i.state === "ready").length;
       card.querySelector(".count").textContent = `${ready} / ${stage.target_instances}`;
       card.querySelector("[data-action=scale-down]").disabled = stage.target_instances <= 1;
+      if (stage.max_instances) {
+        card.querySelector("[data-action=scale-up]").title =
+          `add an instance (at most ${stage.max_instances}: its max_instances)`;
+      }
       card.querySelector(".stage-rate").textContent = `${fmt(stage.frames_per_s, 0)} frames/s`;
       const errors = card.querySelector(".errors-count");
       errors.textContent = `${stage.errors} error${stage.errors === 1 ? "" : "s"}`;

@@ -20,11 +20,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO, cast
 
 import trio
 
@@ -81,23 +82,94 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.ray_address:
         launcher = launcher or "ray"  # an address of a Ray cluster means the Ray launcher
         launcher_options["address"] = args.ray_address
-    trio.run(
-        lambda: serve(
-            args.pipeline,
-            args.deploy,
-            tcp=args.tcp,
-            http=None if args.no_http else args.http,
-            token=args.token,
-            on_ready=ready,
-            launcher=launcher,
-            launcher_options=launcher_options,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_ca=args.tls_ca,
-            insecure_tcp=args.insecure_tcp,
+    stderr = sys.stderr
+    tail = _OutputTail(stderr)
+    sys.stderr = cast(TextIO, tail)
+    try:
+        trio.run(
+            lambda: serve(
+                args.pipeline,
+                args.deploy,
+                tcp=args.tcp,
+                http=None if args.no_http else args.http,
+                token=args.token,
+                on_ready=ready,
+                launcher=launcher,
+                launcher_options=launcher_options,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_ca=args.tls_ca,
+                insecure_tcp=args.insecure_tcp,
+            )
         )
-    )
+    except (AltoError, BaseExceptionGroup) as exc:
+        failed = tail.explain(exc)
+        if failed is None:
+            raise
+        raise failed from exc
+    finally:
+        sys.stderr = stderr
     return 0
+
+
+class _OutputTail:
+    """``sys.stderr`` for ``alto serve``: passes everything through, and remembers the last
+    non-empty line each instance printed (the local launcher relays instance output as
+    ``[stage/N] line``), so that when an instance fails to start, the one line that ends
+    ``alto serve`` can say why: a stage's ``setup()`` that raises prints a traceback whose
+    last line is the exception."""
+
+    _LINE = re.compile(rb"^\[([^\]\s/]+/[0-9]+)\] (.*\S)")
+    _FAILED = re.compile(r"^instance (\S+/[0-9]+) failed to start: ")
+
+    def __init__(self, stderr: TextIO) -> None:
+        self._stderr = stderr
+        self.buffer = _TailBuffer(stderr.buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stderr, name)
+
+    def write(self, text: str) -> int:
+        return self._stderr.write(text)
+
+    def explain(self, exc: BaseException) -> AltoError | None:
+        """``exc`` with the failed instance's last output line appended, if it is an
+        instance failing to start (alone or in an exception group) that printed one."""
+        todo, leaves = [exc], []
+        while todo:
+            e = todo.pop(0)
+            if isinstance(e, BaseExceptionGroup):
+                todo.extend(e.exceptions)
+            else:
+                leaves.append(e)
+        for leaf in leaves:
+            found = self._FAILED.match(str(leaf)) if isinstance(leaf, AltoError) else None
+            last = self.buffer.last.get(found[1]) if found else None
+            if last is not None:
+                return AltoError(f"{leaf}; its last output: {last}")
+        return None
+
+
+class _TailBuffer:
+    """The binary stream under :class:`_OutputTail` (what the launcher writes to)."""
+
+    MAX_LINE = 1000  # characters of a remembered line
+
+    def __init__(self, buffer: Any) -> None:
+        self._buffer = buffer
+        self.last: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._buffer, name)
+
+    def write(self, data: bytes) -> int:
+        for line in bytes(data).split(b"\n"):
+            found = _OutputTail._LINE.match(line)
+            if found:
+                text = found[2].decode("utf-8", "replace")
+                self.last[found[1].decode("ascii", "replace")] = text[: self.MAX_LINE]
+        written: int = self._buffer.write(data)
+        return written
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -274,11 +346,19 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return c.top(_http_url(args), args.token, args.iterations, json_output=args.json)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line, as every other error of ``alto`` is: what was
+    wrong and what is allowed, and where the usage is (not the usage itself)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from ._config import MAX_INSTANCES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="alto", description="Serve compound AI pipelines with partial-output streaming."
     )
     p.add_argument("--version", action="version", version=f"alto {__version__}")
