@@ -157,8 +157,17 @@ class Supervisor:
         st.scheduler.add_instance(inst.id)
         log.info("instance %s/%d ready (pid %s)", st.name, inst.id, inst.pid)
         self._notify()
-        self._flush_pending(st)
+        if self._pending.get(st.index):
+            if self.nursery is not None:
+                # Not now: the caller answers HELLO with WELCOME once this returns, and a
+                # retried frame sent before it would break the new instance's handshake.
+                self.nursery.start_soon(self._flush_after_welcome, st)
+            else:
+                self._flush_pending(st)
         return inst
+
+    async def _flush_after_welcome(self, st: Stage) -> None:
+        self._flush_pending(st)
 
     # ------------------------------------------------------------------ loss and exit
 
