@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, cast
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from runtime_helpers import (
     AB,
@@ -46,6 +48,7 @@ from alto.dataplane import (
 from alto.dataplane._connections import Conn, ConnSink
 from alto.dataplane._ledger import Request
 from alto.dataplane._relay import RECV_SIZE
+from alto.dataplane._schedulers import ENTRY_POINT_GROUP as SCHEDULERS
 from alto.testing import FakePeer
 
 # --------------------------------------------------------------------------- the fast path
@@ -110,7 +113,8 @@ stateful = true
 aggregate_level = 2
 """
 
-DIFF_STAGES = ("fan", "free", "pair", "total", "leaf")
+# Instances per stage: one fan, so that its output interleaves many requests.
+DIFF_STAGES = {"fan": 1, "free": 2, "pair": 2, "total": 2, "leaf": 2}
 FAN_QUEUES = ("items", "parts", "ones", "bits")
 AGGREGATES = {"pair": "sums", "total": "totals", "leaf": "leaves"}
 # Small credits and backlog limit, so that backlogs, refills and overfull backlogs occur.
@@ -145,14 +149,14 @@ class Side:
 
     def __init__(self, pipeline: Path, *, fast_path: bool) -> None:
         deployment = DeploymentConfig(
-            "<diff>", DIFF_LIMITS, {name: StageDeployment(2) for name in DIFF_STAGES}
+            "<diff>", DIFF_LIMITS, {name: StageDeployment(n) for name, n in DIFF_STAGES.items()}
         )
         self.rt = Runtime(load_pipeline(pipeline), deployment, token=TOKEN)
         self.rt.relay.fast_path = fast_path
         self.client = _memory_conn("client")
         self.bufs: dict[int, bytearray] = {}  # what each instance sent that is not handled
-        for name in DIFF_STAGES:
-            for _ in range(2):
+        for name, n in DIFF_STAGES.items():
+            for _ in range(n):
                 inst = self.rt.supervisor.new_instance(name, launched=False)
                 conn = _memory_conn(f"{name}/{inst.id}")
                 self.rt.supervisor.register(name, inst.id, None, conn)
@@ -258,7 +262,7 @@ class Played:
     stage: str
     iid: int
     coalesce: bool
-    stateful: bool
+    level: int  # a stateful stage's aggregation level, else 0
     tasks: list[Task] = field(default_factory=list)
     acks: dict[int, int] = field(default_factory=dict)  # coalesced ACKs not yet sent
     outbox: bytearray = field(default_factory=bytearray)  # written, not yet received
@@ -283,53 +287,45 @@ class Played:
                 self.write(encode(FrameKind.ACK, [rid], payload=n.to_bytes(4, "little")))
         self.acks.clear()
 
-    def act(self, choice: int) -> None:
-        """One step of work on an input, picked by ``choice``."""
-        if not self.tasks:
-            return
-        task = self.tasks[0] if self.stateful else self.tasks[choice % len(self.tasks)]
-        what = (choice // 7) % 24
-        burst = 1 + (choice // 168) % 4  # items written in one go: runs for the relay
+    def act(self, action: str, index: int, burst: int, queue: str, payload: bytes) -> None:
+        """One step of work on input ``index`` (a stateful instance: its oldest)."""
+        task = self.tasks[0] if self.level else self.tasks[index % len(self.tasks)]
         path = task.frame.key_path
-        payload = bytes(choice % 5)
-        if what == 23:  # stage code raised: its child streams close, then ERROR, then ACK
+        if action == "error":  # stage code raised: its streams close, then ERROR, then ACK
             self.close_streams(task)
             self.write(encode(FrameKind.ERROR, path, payload=b"boom"))
             self.ack(task)
-        elif self.stage == "fan":
-            queue = FAN_QUEUES[(choice // 672) % len(FAN_QUEUES)]
-            if what <= 3:  # ctx.write: a one-item child, closed by its LAST flag
-                for _ in range(burst):
-                    child = (*path, task.next_child)
-                    task.next_child += 1
-                    self.write(encode(FrameKind.DATA, child, queue, payload, flags=FrameFlags.LAST))
-            elif what <= 7 or not task.streams:  # ctx.child(): a new stream, into one queue
-                child = (*path, task.next_child)
-                task.next_child += 1
-                task.streams.append((child, queue))
-                self.write(encode(FrameKind.DATA, child, queue, payload))
-            elif what <= 16:  # more items of an open stream (an LM's tokens)
-                child, queue = task.streams[choice % len(task.streams)]
-                for _ in range(burst):
-                    self.write(encode(FrameKind.DATA, child, queue, payload))
-            elif what <= 18:  # the stream ends
-                child, _ = task.streams.pop(choice % len(task.streams))
-                self.write(encode(FrameKind.CLOSE, child))
-            else:
-                self.close_streams(task)
-                self.ack(task)
         elif task.frame.kind == FrameKind.GROUP_CLOSED:  # the aggregate, then the ACK
-            queue = AGGREGATES[self.stage]
-            self.write(encode(FrameKind.DATA, path, queue, payload))
+            self.write(encode(FrameKind.DATA, path, AGGREGATES[self.stage], payload))
             self.ack(task)
-        elif self.stage == "free" and what <= 11:
+        elif action == "finish":
+            self.close_streams(task)
+            self.ack(task)
+        elif self.stage == "free":  # outputs of this input
             for _ in range(burst):
                 self.write(encode(FrameKind.DATA, path, "out", payload))
-        elif self.stage == "pair" and what <= 11:  # partial aggregates, under the group's path
+        elif self.level:  # partial aggregates, under the group's key path
             for _ in range(burst):
-                self.write(encode(FrameKind.DATA, path, "sums", payload))
-        else:
-            self.ack(task)
+                self.write(
+                    encode(FrameKind.DATA, path[: self.level], AGGREGATES[self.stage], payload)
+                )
+        elif action == "write":  # ctx.write: one-item children, each closed by its LAST flag
+            for _ in range(burst):
+                child = (*path, task.next_child)
+                task.next_child += 1
+                self.write(encode(FrameKind.DATA, child, queue, payload, flags=FrameFlags.LAST))
+        elif action == "open" or not task.streams:  # ctx.child(): a stream into one queue
+            child = (*path, task.next_child)
+            task.next_child += 1
+            task.streams.append((child, queue))
+            self.write(encode(FrameKind.DATA, child, queue, payload))
+        elif action == "more":  # more items of an open stream (an LM's tokens)
+            child, queue = task.streams[index % len(task.streams)]
+            for _ in range(burst):
+                self.write(encode(FrameKind.DATA, child, queue, payload))
+        else:  # "close": a stream ends
+            child, _ = task.streams.pop(index % len(task.streams))
+            self.write(encode(FrameKind.CLOSE, child))
 
     def close_streams(self, task: Task) -> None:
         for child, _ in task.streams:
@@ -339,12 +335,7 @@ class Played:
     def finish_all(self) -> None:
         """Work through every input held (the drain at the end of an example)."""
         while self.tasks:
-            task = self.tasks[0]
-            if self.stage == "fan" or task.frame.kind != FrameKind.GROUP_CLOSED:
-                self.close_streams(task)
-                self.ack(task)
-            else:
-                self.act(0)
+            self.act("finish", 0, 1, "", b"")
         self.flush_acks(exact_single=False)
 
 
@@ -363,7 +354,7 @@ class Differential:
         assert not s["total"].tracked and s["total"].level == 1
         assert not s["leaf"].tracked and s["leaf"].level == 2
         self.played = [
-            Played(i.stage.name, i.id, not i.stage.tracked, i.stage.level > 0)
+            Played(i.stage.name, i.id, not i.stage.tracked, i.stage.level)
             for i in rt.instances.values()
         ]
         self.corr = 0
@@ -395,16 +386,23 @@ class Differential:
         assert self.fast.receive(p.iid, data) == self.general.receive(p.iid, data)
         self.compare()
 
-    def step(self, op: int, who: int, choice: int) -> None:
-        p = self.played[who % len(self.played)]
-        if op == 0:
-            self.submit(bytes(choice % 3))
-        elif op <= 4:
-            p.act(choice)
-        elif op == 5:
-            p.flush_acks(exact_single=choice % 2 == 0)
-        elif p.outbox:
-            self.deliver(p, len(p.outbox) if choice % 3 == 0 else choice % (len(p.outbox) + 1))
+    def step(self, op: str, n: int) -> None:
+        """One step, applied to what the protocol allows now; the bits of ``n`` pick the
+        instance, input, action and so on (one draw per step keeps generation cheap)."""
+        who, index, flag, cut = n & 15, (n >> 4) & 7, bool(n >> 7 & 1), n >> 8
+        payload = bytes(n % 5)
+        if op == "act" and (busy := [p for p in self.played if p.tasks]):
+            action = ACTIONS[cut % len(ACTIONS)]
+            burst = 1 + (cut >> 4) % 4  # items written in one go: runs for the relay
+            queue = FAN_QUEUES[(cut >> 6) % len(FAN_QUEUES)]
+            busy[who % len(busy)].act(action, index, burst, queue, payload)
+        elif op == "flush" and (acking := [p for p in self.played if p.acks]):
+            acking[who % len(acking)].flush_acks(exact_single=flag)
+        elif op == "deliver" and (sending := [p for p in self.played if p.outbox]):
+            p = sending[who % len(sending)]
+            self.deliver(p, len(p.outbox) if flag else cut % (len(p.outbox) + 1))
+        else:
+            self.submit(payload)
 
     def drain(self) -> None:
         """Every instance works through everything; every request must end."""
@@ -426,29 +424,78 @@ class Differential:
                 assert not inst.backlog and not inst.req_counts
 
 
-STEPS = st.lists(
-    st.tuples(st.integers(0, 9), st.integers(0, 15), st.integers(0, 1 << 16)),
-    min_size=1,
-    max_size=150,
-)
+# What a step does (sampled uniformly from these tuples: repeats weigh).
+OPS = ("act",) * 6 + ("deliver",) * 4 + ("flush",) * 2 + ("submit",)
+ACTIONS = ("more",) * 4 + ("write",) * 3 + ("open",) * 2 + ("close", "finish", "finish", "error")
+STEP = st.tuples(st.sampled_from(OPS), st.integers(0, (1 << 20) - 1))
+
+
+@functools.cache
+def scheduler_entry_points() -> importlib.metadata.EntryPoints:
+    return importlib.metadata.entry_points(group=SCHEDULERS)
 
 
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     derandomize=True,  # the same examples on every run
+    # No shrinking: an example is some hundred batches, and shrinking a failing one takes
+    # minutes; the assertion already names the first connection or ledger part that
+    # differs. (Add Phase.shrink here to minimise a failure while debugging.)
+    phases=(Phase.explicit, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(steps=STEPS)
+@given(steps=st.lists(STEP, min_size=50, max_size=200))
 def test_fast_path_and_general_path_agree(
-    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int, int]]
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[str, int]],
 ) -> None:
     pipeline = write(tmp_path_factory.mktemp("diff"), DIFF)
 
+    # Each example builds two runtimes, each loading a scheduler per stage: look their
+    # entry points up once, not once per stage and example (a scan of every installed
+    # distribution, most of this test's time otherwise).
+    schedulers = scheduler_entry_points()
+
+    def entry_points(*, group: str) -> importlib.metadata.EntryPoints:
+        assert group == SCHEDULERS
+        return schedulers
+
     async def play() -> None:
         d = Differential(pipeline)
-        for op, who, choice in steps:
-            d.step(op, who, choice)
+        for step in steps:
+            d.step(*step)
+        d.drain()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.metadata, "entry_points", entry_points)
+        trio.run(play)
+
+
+def test_fast_path_keeps_each_request_in_its_own_level_1_group(tmp_path: Path) -> None:
+    # The fast path remembers the last level-1 group it routed to within a batch; frames
+    # of two requests alternating in one batch must each find their own group, and a
+    # request whose group is not open yet must take the general path and open it.
+    pipeline = write(tmp_path, DIFF)
+
+    async def play() -> None:
+        d = Differential(pipeline)
+        for _ in range(3):  # (fan's credits: 3)
+            d.submit(b"")
+        (fan,) = (p for p in d.played if p.stage == "fan")
+        assert len(fan.tasks) == 3
+        for i in range(2):  # a stream into total (level 1) for requests 1 and 2
+            fan.act("open", i, 1, "ones", b"")
+        d.deliver(fan, len(fan.outbox))  # their first items open total's groups
+        groups = d.fast.rt.stages["total"].groups
+        assert len(groups) == 2
+        for _ in range(3):  # one batch: the two streams' items alternate, ...
+            for i in range(2):
+                fan.act("more", i, 1, "", bytes([i]))
+        fan.act("open", 2, 1, "ones", b"")  # ... then request 3's first item: no group yet
+        fan.act("more", 0, 1, "", b"")
+        d.deliver(fan, len(fan.outbox))
+        assert len(groups) == 3
         d.drain()
 
     trio.run(play)
