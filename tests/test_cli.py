@@ -19,6 +19,7 @@ import alto
 from alto._config import DeploymentConfig, RuntimeLimits, StageDeployment, load_pipeline
 from alto.dataplane._launcher import detect_gpus, plan_gpus
 from alto.examples.demo_pb2 import Number, Square, Total
+from alto.testing import open_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ALTO = [str(Path(sys.executable).parent / "alto")]  # the console script of this environment
@@ -125,13 +126,7 @@ def test_serve_submit_and_sigterm(tmp_path: Path) -> None:
 
 async def test_remote_instance_over_tcp_with_token(tmp_path: Path) -> None:
     pipeline, deploy = demo_copy(tmp_path, f"tcp-{os.getpid()}")
-    async with trio.open_nursery() as nursery:
-        info: alto.ServeInfo = await nursery.start(
-            lambda task_status: alto.serve(
-                pipeline, deploy, tcp="127.0.0.1:0", http=None, token="s3cret",
-                write_discovery=False, handle_signals=False, task_status=task_status,
-            )
-        )  # fmt: skip
+    async with open_server(pipeline, deploy, tcp="127.0.0.1:0", token="s3cret") as info:
         assert info.tcp_address is not None
         env = {k: v for k, v in os.environ.items() if k != "ALTO_TOKEN"}
         # a wrong token: the worker is refused and exits with an error
@@ -174,28 +169,16 @@ async def test_remote_instance_over_tcp_with_token(tmp_path: Path) -> None:
         finally:
             remote.kill()
             await remote.wait()
-        nursery.cancel_scope.cancel()
 
 
 async def test_asyncio_backend_stage(tmp_path: Path) -> None:
     pipeline, deploy = demo_copy(tmp_path, f"aio-{os.getpid()}", backend="asyncio")
     assert load_pipeline(pipeline).stages["square"].backend == "asyncio"
-    async with trio.open_nursery() as nursery:
-        info: alto.ServeInfo = await nursery.start(
-            lambda task_status: alto.serve(
-                pipeline,
-                deploy,
-                http=None,
-                write_discovery=False,
-                handle_signals=False,
-                task_status=task_status,
-            )
-        )
+    async with open_server(pipeline, deploy) as info:
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
             with trio.fail_after(60):
                 rs = await client.run(Number(value=10))
         assert [r.message.total for r in rs if isinstance(r.message, Total)] == [285]
-        nursery.cancel_scope.cancel()
 
 
 def test_gpu_partitioning(tmp_path: Path) -> None:
@@ -220,17 +203,7 @@ def test_gpu_partitioning(tmp_path: Path) -> None:
 
 async def test_a_killed_instance_is_replaced(tmp_path: Path) -> None:
     pipeline, deploy = demo_copy(tmp_path, f"restart-{os.getpid()}")
-    async with trio.open_nursery() as nursery:
-        info: alto.ServeInfo = await nursery.start(
-            lambda task_status: alto.serve(
-                pipeline,
-                deploy,
-                http=None,
-                write_discovery=False,
-                handle_signals=False,
-                task_status=task_status,
-            )
-        )
+    async with open_server(pipeline, deploy) as info:
         rt = info.runtime
         victim = next(i for i in rt.statistics().instances if i.stage == "square")
         assert victim.pid is not None
@@ -250,4 +223,3 @@ async def test_a_killed_instance_is_replaced(tmp_path: Path) -> None:
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
             rs = await client.run(Number(value=6))
         assert [r.message.total for r in rs if isinstance(r.message, Total)] == [55]
-        nursery.cancel_scope.cancel()

@@ -35,6 +35,7 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 import alto
+from alto.testing import open_server
 
 pytestmark = pytest.mark.slow
 
@@ -91,29 +92,14 @@ class Real:
 async def serving(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Real]:
     """A real ``alto serve`` with HTTP on a free port, and a client for it."""
     pipeline, deploy, name = write_pipeline(tmp_path, **kwargs)
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(60):
-            info: alto.ServeInfo = await nursery.start(
-                lambda task_status: alto.serve(
-                    pipeline,
-                    deploy,
-                    http="127.0.0.1:0",
-                    token=TOKEN,
-                    write_discovery=False,
-                    handle_signals=False,
-                    task_status=task_status,
-                )
-            )
+    async with open_server(
+        pipeline, deploy, http="127.0.0.1:0", token=TOKEN, ready_timeout=60
+    ) as info:
         assert info.http_url is not None and info.http_url.startswith("http://127.0.0.1:")
         assert not info.http_url.endswith(":0")
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        try:
-            async with httpx.AsyncClient(
-                base_url=info.http_url, timeout=30, limits=limits
-            ) as client:
-                yield Real(info, client, name)
-        finally:
-            nursery.cancel_scope.cancel()
+        async with httpx.AsyncClient(base_url=info.http_url, timeout=30, limits=limits) as client:
+            yield Real(info, client, name)
 
 
 def expected(n: int) -> int:
@@ -757,21 +743,14 @@ class _RealServerThread:
         self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
-            info: alto.ServeInfo = await nursery.start(
-                lambda task_status: alto.serve(
-                    self.pipeline,
-                    self.deploy,
-                    http="127.0.0.1:0",
-                    token=TOKEN,
-                    write_discovery=False,
-                    handle_signals=False,
-                    task_status=task_status,
-                )
-            )
-            assert info.http_url is not None
-            for seed in range(4):
-                nursery.start_soon(self._load, info.http_url, seed)
-            self._ready.put(info.http_url)
+            async with open_server(
+                self.pipeline, self.deploy, http="127.0.0.1:0", token=TOKEN
+            ) as info:
+                assert info.http_url is not None
+                for seed in range(4):
+                    nursery.start_soon(self._load, info.http_url, seed)
+                self._ready.put(info.http_url)
+                await trio.sleep_forever()  # until stop() cancels
 
     async def _load(self, url: str, seed: int) -> None:
         rng = random.Random(seed)

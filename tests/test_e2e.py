@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import trio
 
 import alto
 from alto.examples.demo_pb2 import Number, Square, Total
+from alto.testing import open_server
 
 pytestmark = pytest.mark.slow
 
@@ -50,20 +50,6 @@ def write_pipeline(
         f"[stages.total]\ninstances = {total_instances}\n"
     )
     return p, d
-
-
-async def start(nursery: trio.Nursery, pipeline: Path, deploy: Path) -> alto.ServeInfo:
-    info: alto.ServeInfo = await nursery.start(
-        lambda task_status: alto.serve(
-            pipeline,
-            deploy,
-            http=None,
-            write_discovery=False,
-            handle_signals=False,
-            task_status=task_status,
-        )
-    )
-    return info
 
 
 def expected(n: int) -> int:
@@ -122,12 +108,10 @@ async def test_demo_pipeline_under_concurrency(tmp_path: Path) -> None:
     values = [(i * 7) % 23 + 1 for i in range(240)]
     results: dict[int, list[alto.Result]] = {}
     errors: dict[int, str] = {}
-    async with trio.open_nursery() as nursery:
-        info = await start(nursery, pipeline, deploy)
+    async with open_server(pipeline, deploy) as info:
         with trio.fail_after(120):
             await run_many(info, values, results, errors)
         stats = info.runtime.statistics()
-        nursery.cancel_scope.cancel()
     assert not errors
     spread = check_results(values, results)
     square_ids = {s.name: s.instances for s in stats.stages}["square"]
@@ -148,8 +132,7 @@ async def test_scale_aggregator_while_requests_in_flight(tmp_path: Path) -> None
     values = [(i * 5) % 17 + 3 for i in range(200)]
     results: dict[int, list[alto.Result]] = {}
     errors: dict[int, str] = {}
-    async with trio.open_nursery() as nursery:
-        info = await start(nursery, pipeline, deploy)
+    async with open_server(pipeline, deploy) as info:
         rt = info.runtime
         first_total_ids = list({s.name: s for s in rt.statistics().stages}["total"].instances)
         async with trio.open_nursery() as load:
@@ -184,7 +167,6 @@ async def test_scale_aggregator_while_requests_in_flight(tmp_path: Path) -> None
             while any(i.state == "draining" for i in rt.statistics().instances):
                 await trio.sleep(0.05)
         stats = rt.statistics()
-        nursery.cancel_scope.cancel()
     assert not errors, list(errors.values())[:3]
     check_results(values, results)
     states = {i.instance_id: i.state for i in stats.instances}
@@ -207,34 +189,30 @@ async def failing_square(msg: object, ctx: alto.Context) -> None:
     await ctx.write("partials", Square(value=value * value, instance=ctx.instance))
 
 
-async def test_stage_error_and_crash_fail_only_their_requests(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
+async def test_stage_error_and_crash_fail_only_their_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pipeline, deploy = write_pipeline(
         tmp_path, square_entry="test_e2e:failing_square", generate_instances=1
     )
-    env_pp = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = str(Path(__file__).parent) + (os.pathsep + env_pp if env_pp else "")
-    try:
-        async with trio.open_nursery() as nursery:
-            info = await start(nursery, pipeline, deploy)
-            async with alto.open_client(
-                address="unix:" + info.socket_path, token=info.token
-            ) as client:
-                ok = await client.run(Number(value=3))  # items 0, 1, 2: fine
-                assert [r.message.total for r in ok if isinstance(r.message, Total)] == [5]
-                with pytest.raises(alto.RequestFailed) as err:
-                    await client.run(Number(value=4))  # item 3 raises
-                assert "stage 'square' instance" in str(err.value)
-                assert "RuntimeError: three is not allowed" in str(err.value)
-                with pytest.raises(alto.RequestFailed) as err:
-                    await client.run(Number(value=6))  # item 5 kills its instance
-                assert "stage 'square' instance" in str(err.value) and "crashed" in str(err.value)
-                ok = await client.run(Number(value=2))  # the runtime goes on
-                assert [r.message.total for r in ok if isinstance(r.message, Total)] == [1]
-            stats = info.runtime.statistics()
-            nursery.cancel_scope.cancel()
-    finally:
-        os.environ["PYTHONPATH"] = env_pp
+    # the workers import this module
+    monkeypatch.setenv(
+        "PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    async with open_server(pipeline, deploy) as info:
+        async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
+            ok = await client.run(Number(value=3))  # items 0, 1, 2: fine
+            assert [r.message.total for r in ok if isinstance(r.message, Total)] == [5]
+            with pytest.raises(alto.RequestFailed) as err:
+                await client.run(Number(value=4))  # item 3 raises
+            assert "stage 'square' instance" in str(err.value)
+            assert "RuntimeError: three is not allowed" in str(err.value)
+            with pytest.raises(alto.RequestFailed) as err:
+                await client.run(Number(value=6))  # item 5 kills its instance
+            assert "stage 'square' instance" in str(err.value) and "crashed" in str(err.value)
+            ok = await client.run(Number(value=2))  # the runtime goes on
+            assert [r.message.total for r in ok if isinstance(r.message, Total)] == [1]
+        stats = info.runtime.statistics()
     crashed = [i for i in stats.instances if i.state == "crashed"]
     assert len(crashed) == 1 and crashed[0].stage == "square"
     assert stats.requests_failed == 2
@@ -272,13 +250,11 @@ async def test_idempotent_stage_retries_work_of_a_crashed_instance(
     values = [8, 3, 6, 7, 2]
     results: dict[int, list[alto.Result]] = {}
     errors: dict[int, str] = {}
-    async with trio.open_nursery() as nursery:
-        info = await start(nursery, pipeline, deploy)
+    async with open_server(pipeline, deploy) as info:
         with trio.fail_after(60):
             await run_many(info, values, results, errors)
         stats = info.runtime.statistics()
         retried = info.runtime.statistics().frames_retried
-        nursery.cancel_scope.cancel()
     assert (tmp_path / "crashed").exists()
     assert not errors, errors
     check_results(values, results)  # every request complete and exact despite the crash
@@ -290,12 +266,10 @@ async def test_wrong_token_is_refused(tmp_path: Path) -> None:
     pipeline, deploy = write_pipeline(
         tmp_path, generate_instances=1, square_instances=1, total_instances=1
     )
-    async with trio.open_nursery() as nursery:
-        info = await start(nursery, pipeline, deploy)
+    async with open_server(pipeline, deploy) as info:
         with pytest.raises(alto.AuthenticationError):
             async with alto.open_client(address="unix:" + info.socket_path, token="wrong"):
                 pass
-        nursery.cancel_scope.cancel()
 
 
 async def test_overload_is_refused_not_queued(tmp_path: Path) -> None:
@@ -307,8 +281,7 @@ async def test_overload_is_refused_not_queued(tmp_path: Path) -> None:
         total_instances=1,
         max_inflight=2,
     )
-    async with trio.open_nursery() as nursery:
-        info = await start(nursery, pipeline, deploy)
+    async with open_server(pipeline, deploy) as info:
         refused = 0
         done = 0
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
@@ -326,4 +299,3 @@ async def test_overload_is_refused_not_queued(tmp_path: Path) -> None:
                     n.start_soon(one)
         assert done >= 2 and refused >= 1 and done + refused == 6
         assert info.runtime.statistics().requests_refused == refused
-        nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ pytest.importorskip("bm25s")
 
 from alto.factool.factool_pb2 import Answer, Claim, Evidence, Question
 from alto.retrieval import load_questions
+from alto.testing import open_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.llm]
 
@@ -26,24 +27,14 @@ async def run_pipeline(
     config: str, questions: list[Question]
 ) -> tuple[list[list[alto.Result]], dict[str, object]]:
     results: list[list[alto.Result]] = []
-    async with trio.open_nursery() as nursery:
-        info: alto.ServeInfo = await nursery.start(
-            lambda task_status: alto.serve(
-                ROOT / "configs" / config,
-                ROOT / "configs" / "factool.cpu.toml",
-                http=None,
-                write_discovery=False,
-                handle_signals=False,
-                ready_timeout=300,
-                task_status=task_status,
-            )
-        )
+    async with open_server(
+        ROOT / "configs" / config, ROOT / "configs" / "factool.cpu.toml", ready_timeout=300
+    ) as info:
         async with alto.open_client(address="unix:" + info.socket_path, token=info.token) as client:
             with trio.fail_after(400):
                 for q in questions:
                     results.append(await client.run(q))
         stats = info.runtime.statistics()
-        nursery.cancel_scope.cancel()
     return results, {
         "failed": stats.requests_failed,
         "open": sum(i.open_groups for i in stats.instances),
