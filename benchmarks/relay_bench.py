@@ -11,7 +11,10 @@ Measures side by side, in one run:
   (credits), the runtime counting live entries per request and closing groups: the full
   relay, not a toy;
 * latency at a fixed rate (default 10k frames/s): one-way producer -> consumer latency
-  direct and through the runtime; the difference is the hop's added latency.
+  direct and through the runtime; the difference is the hop's added latency;
+* the same relay with every peer connected over TCP on 127.0.0.1, and over TLS on that
+  TCP (a certificate made for the run with trustme): what instances on other machines
+  cost the runtime, without a network in the way (``--no-tcp`` skips these rows).
 
 The producer and consumers are lean speakers of the alto wire protocol played with
 :class:`alto.testing.FakePeer` (the handshake) and raw batched socket I/O (one receive or
@@ -142,7 +145,9 @@ def item_frames(rid: int, start: int, count: int, stamp: bool) -> bytes:
 # ---------------------------------------------------------------- roles (subprocesses)
 
 
-def role_runtime(sock_path: str, pipeline_path: str) -> None:
+def role_runtime(sock_path: str, pipeline_path: str, transport: str, certdir: str) -> None:
+    """Serve the relay. ``unix``: on ``sock_path``; ``tcp``/``tls``: on 127.0.0.1, port
+    written to ``sock_path + ".port"``."""
     import trio
 
     from alto._config import load_deployment, load_pipeline
@@ -156,10 +161,25 @@ def role_runtime(sock_path: str, pipeline_path: str) -> None:
     rt = Runtime(pipeline, load_deployment(deploy_path, pipeline), token=TOKEN)
 
     async def main() -> None:
-        lst = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await lst.bind(sock_path)
+        if transport == "unix":
+            lst = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await lst.bind(sock_path)
+            lst.listen(64)
+            await rt.serve([lst])
+            return
+        lst = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await lst.bind(("127.0.0.1", 0))
         lst.listen(64)
-        await rt.serve([lst])
+        tmp = sock_path + ".tmp"
+        Path(tmp).write_text(str(lst.getsockname()[1]))
+        os.replace(tmp, sock_path + ".port")
+        if transport == "tls":
+            from alto.dataplane._tls import server_context
+
+            ctx = server_context(f"{certdir}/cert.pem", f"{certdir}/key.pem")
+            await rt.serve([lst], ssl_context=ctx)
+        else:
+            await rt.serve([lst])
 
     if os.environ.get("ALTO_BENCH_PROFILE"):
         import cProfile
@@ -179,7 +199,9 @@ def role_runtime(sock_path: str, pipeline_path: str) -> None:
         trio.run(main)
 
 
-def role_producer(addr: str, per_request: int, rate: float, direct: bool) -> None:
+def role_producer(
+    addr: str, per_request: int, rate: float, direct: bool, out_path: str | None = None
+) -> None:
     """Relay mode: a fan-out instance emitting ``per_request`` items per input.
     Direct mode: connect to the consumer and send ``per_request`` items at once."""
     if direct:
@@ -192,10 +214,11 @@ def role_producer(addr: str, per_request: int, rate: float, direct: bool) -> Non
                 s.sendall(chunk if n == 2000 else chunk[: n * (len(chunk) // 2000)])
         else:
             trio.run(emit_direct, s, per_request, rate)
+            s.setblocking(True)  # trio made it non-blocking
         s.shutdown(socket.SHUT_WR)
         s.recv(1)
         return
-    trio.run(producer, addr, per_request, rate)
+    trio.run(producer, addr, per_request, rate, out_path)
 
 
 async def emit_direct(s: socket.socket, count: int, rate: float) -> None:
@@ -205,11 +228,24 @@ async def emit_direct(s: socket.socket, count: int, rate: float) -> None:
     await emit(peer, 1, count, rate, True)
 
 
-async def producer(addr: str, per_request: int, rate: float) -> None:
+async def connect_peer(addr: str) -> FakePeer:
+    """A FakePeer connected to ``addr`` (``unix:/path`` or ``HOST:PORT``), over TLS when
+    ``ALTO_BENCH_CA`` names the CA to trust."""
     from alto.testing import FakePeer
 
-    peer = await FakePeer.connect("unix:" + addr)
+    ca = os.environ.get("ALTO_BENCH_CA")
+    if ca and not addr.startswith("unix:"):
+        from alto.dataplane._tls import client_context
+
+        return await FakePeer.connect(addr, ssl_context=client_context(ca))
+    return await FakePeer.connect(addr)
+
+
+async def producer(addr: str, per_request: int, rate: float, out_path: str | None) -> None:
+    peer = await connect_peer(addr)
     await peer.instance(TOKEN, "producer")
+    if out_path:
+        Path(out_path + ".registered").write_text("1")
     buf = bytearray(1 << 18)
     end = 0
     stamp = rate > 0
@@ -336,10 +372,9 @@ def role_consumer(addr: str, out_path: str, direct: bool, expect: int, walk: boo
 async def consumer(addr: str, out_path: str) -> None:
     """An instance of the stateful consumer stage: acknowledges every frame (coalesced
     when the runtime allows it), as the stage SDK would."""
-    from alto.testing import FakePeer
-
-    peer = await FakePeer.connect("unix:" + addr)
+    peer = await connect_peer(addr)
     await peer.instance(TOKEN, "consumer")
+    Path(out_path + ".registered").write_text("1")
     coalesce = bool(peer.welcome.get("coalesce_acks"))
     lat: list[int] = []
     buf = bytearray(1 << 18)
@@ -394,6 +429,17 @@ async def consumer(addr: str, out_path: str) -> None:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def make_certs(tmp: Path) -> None:
+    """A CA and a certificate for 127.0.0.1 (trustme, from the dev extra) in ``tmp``."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    (tmp / "cert.pem").write_bytes(b"".join(p.bytes() for p in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(tmp / "key.pem"))
 
 
 def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -453,31 +499,44 @@ def run_relay(
     rate: float,
     window: int,
     runtime_src: str | None = None,
+    transport: str = "unix",
 ) -> dict[str, object]:
     """Producer -> runtime -> 2 consumers. ``runtime_src``: the ``src/`` directory of the
-    alto checkout whose runtime to measure (default: this one)."""
+    alto checkout whose runtime to measure (default: this one); ``transport``: how every
+    peer connects (``unix``, ``tcp`` or ``tls``, the last two on 127.0.0.1)."""
     pipe = tmp / "pipeline.toml"
     pipe.write_text(PIPELINE)
     sock_path = str(tmp / f"rt-{time.monotonic_ns()}.sock")
     env = None
     if runtime_src is not None:
         env = {**os.environ, "PYTHONPATH": runtime_src}
-    rt = spawn("--role", "runtime", "--addr", sock_path, "--pipeline", str(pipe), env=env)
-    wait_file(Path(sock_path))
+    certdir = str(tmp)
+    rt = spawn(
+        "--role", "runtime", "--addr", sock_path, "--pipeline", str(pipe),
+        "--transport", transport, "--certdir", certdir, env=env,
+    )  # fmt: skip
+    peer_env = {**os.environ}
+    if transport == "unix":
+        wait_file(Path(sock_path))
+        addr = "unix:" + sock_path
+    else:
+        wait_file(Path(sock_path + ".port"))
+        addr = "127.0.0.1:" + Path(sock_path + ".port").read_text()
+        if transport == "tls":
+            peer_env["ALTO_BENCH_CA"] = f"{certdir}/ca.pem"
     outs = [tmp / f"cons{i}-{time.monotonic_ns()}.json" for i in range(2)]
-    conss = [spawn("--role", "consumer", "--addr", sock_path, "--out", str(o)) for o in outs]
+    conss = [
+        spawn("--role", "consumer", "--addr", addr, "--out", str(o), env=peer_env) for o in outs
+    ]
+    prod_out = tmp / f"prod-{time.monotonic_ns()}"
     prod = spawn(
-        "--role",
-        "producer",
-        "--addr",
-        sock_path,
-        "--per-request",
-        str(per_request),
-        "--rate",
-        str(rate),
-    )
-    time.sleep(1.5)  # let them register
-    t0, t1 = trio.run(drive_client, sock_path, requests, window)
+        "--role", "producer", "--addr", addr, "--per-request", str(per_request),
+        "--rate", str(rate), "--out", str(prod_out), env=peer_env,
+    )  # fmt: skip
+    for p in (*outs, prod_out):  # every peer has registered (start-up is slow on a busy machine)
+        wait_file(Path(str(p) + ".registered"), timeout=120)
+    ca = peer_env.get("ALTO_BENCH_CA")
+    t0, t1 = trio.run(drive_client, addr, requests, window, ca)
     rt.terminate()  # the instances see EOF, write their numbers and exit
     rt.wait(30)
     for p in (prod, *conss):
@@ -495,11 +554,13 @@ def run_relay(
     return {"count": count, "wall": max(lasts) - min(firsts), "client_wall": t1 - t0, "lat": lat}
 
 
-async def drive_client(sock_path: str, requests: int, window: int) -> tuple[float, float]:
+async def drive_client(
+    addr: str, requests: int, window: int, ca: str | None = None
+) -> tuple[float, float]:
     """Submit ``requests`` with at most ``window`` in flight; wait for every DONE."""
-    from alto.testing import FakePeer
-
-    peer = await FakePeer.connect("unix:" + sock_path)
+    if ca:
+        os.environ["ALTO_BENCH_CA"] = ca
+    peer = await connect_peer(addr)
     await peer.client(TOKEN)
     buf = bytearray(1 << 18)
     end = 0
@@ -550,11 +611,14 @@ def main() -> None:
     ap.add_argument("--compare", help="another alto checkout whose runtime to measure too")
     ap.add_argument("--rounds", type=int, default=1, help="relay runs per version (median)")
     ap.add_argument("--json", help="write the numbers to this file")
+    ap.add_argument("--transport", default="unix", choices=("unix", "tcp", "tls"))
+    ap.add_argument("--certdir", default="")
+    ap.add_argument("--no-tcp", action="store_true", help="skip the TCP and TLS rows")
     a = ap.parse_args()
     if a.role == "runtime":
-        return role_runtime(a.addr, a.pipeline)
+        return role_runtime(a.addr, a.pipeline, a.transport, a.certdir)
     if a.role == "producer":
-        return role_producer(a.addr, a.per_request, a.rate, a.direct)
+        return role_producer(a.addr, a.per_request, a.rate, a.direct, a.out)
     if a.role == "consumer":
         return role_consumer(a.addr, a.out, a.direct, a.expect, a.walk)
 
@@ -578,6 +642,14 @@ def main() -> None:
                 relays[name].append(run_relay(tmp, requests, per_request, 0, 64, src))
                 lat = run_relay(tmp, 1, lat_frames, a.latency_rate, 1, src)
                 relay_lats[name] += lat["lat"]  # type: ignore[arg-type]
+        # The runtime of this checkout with its peers on TCP and on TLS (127.0.0.1).
+        nets: dict[str, tuple[dict[str, object], list[int]]] = {}
+        if not a.no_tcp:
+            make_certs(tmp)
+            for transport in ("tcp", "tls"):
+                r = run_relay(tmp, requests, per_request, 0, 64, None, transport)
+                lat = run_relay(tmp, 1, lat_frames, a.latency_rate, 1, None, transport)
+                nets[transport] = (r, lat["lat"])  # type: ignore[assignment]
 
     def fps(r: dict[str, object]) -> float:
         return float(r["count"]) / float(r["wall"])  # type: ignore[arg-type]
@@ -616,6 +688,10 @@ def main() -> None:
             "latency_p50_us": pct(rl, 0.5),
             "latency_p99_us": pct(rl, 0.99),
         }
+    net_label = {"tcp": "over TCP on 127.0.0.1", "tls": "over TLS on TCP on 127.0.0.1"}
+    for transport, (r, _lat) in nets.items():
+        rows.append((f"through the runtime, every peer {net_label[transport]}", r, fps(r)))
+        result[f"{transport}_fps"] = fps(r)
     for name, r, f in rows:
         print(
             f"| {name} | {r['count']} | {float(r['wall']):.2f} | {f:,.0f} | {f / w_fps:.3f} (1/{w_fps / f:.1f}) |"
@@ -635,6 +711,17 @@ def main() -> None:
         print(
             f"| added by the hop{suffix} | | {pct(rl, 0.5) - pct(dl, 0.5):.1f} | {pct(rl, 0.99) - pct(dl, 0.99):.1f} |"
         )
+    for transport, (_r, nl) in nets.items():
+        print(
+            f"| through the runtime {net_label[transport]} | {len(nl)} | {pct(nl, 0.5):.1f} | {pct(nl, 0.99):.1f} |"
+        )
+        result[f"{transport}_latency_p50_us"] = pct(nl, 0.5)
+        result[f"{transport}_latency_p99_us"] = pct(nl, 0.99)
+    if "tcp" in nets and "tls" in nets:
+        ratio = fps(nets["tls"][0]) / fps(nets["tcp"][0])
+        print()
+        print(f"TLS / plain TCP: {ratio:.2f}x the frames/s")
+        result["tls_over_tcp"] = ratio
     print()
     main_name = versions[0][0]
     r_fps = medians[main_name]
