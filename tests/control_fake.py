@@ -264,8 +264,8 @@ class FakeRuntime:
                     scorer.last_error = f"ValueError: cannot score {word!r}"
                     self.stages["score"].errors += 1
                     outcome = "failed"
-                    message = f"stage 'score' instance {scorer.id}: {scorer.last_error}"
-                    yield RequestEvent("error", request_id, message=message)
+                    error = f"stage 'score' instance {scorer.id}: {scorer.last_error}"
+                    yield RequestEvent("error", request_id, message=error)
                     return
                 await self._work(self.stages["sum"], summer)
                 total += len(word)

@@ -17,6 +17,7 @@ import trio
 
 import alto
 from alto._config import DeploymentConfig, RuntimeLimits, StageDeployment, load_pipeline
+from alto.dataplane import InstanceState
 from alto.dataplane._launcher import detect_gpus, plan_gpus
 from alto.examples.demo_pb2 import Number, Square, Total
 from alto.testing import open_server
@@ -214,8 +215,8 @@ async def test_a_killed_instance_is_replaced(tmp_path: Path) -> None:
                     i.instance_id: i.state for i in rt.statistics().instances if i.stage == "square"
                 }
                 if (
-                    states[victim.instance_id] == "crashed"
-                    and list(states.values()).count("ready") == 2
+                    states[victim.instance_id] == InstanceState.CRASHED
+                    and list(states.values()).count(InstanceState.READY) == 2
                 ):
                     break
                 await trio.sleep(0.05)

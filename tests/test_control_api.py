@@ -169,7 +169,7 @@ async def test_stream_late_client_gets_state_at_once_and_events_keep_coming(
     server: Server,
 ) -> None:
     await trio.sleep(INTERVAL * 4)  # the sampler has been running for a while
-    seqs = []
+    seqs: list[int] = []
     with trio.fail_after(5):
         async with aconnect_sse(server.client, "GET", "/api/stream") as source:
             assert source.response.headers["content-type"].startswith("text/event-stream")

@@ -500,13 +500,14 @@ async def test_json_ingress_refusals_auth_and_drain(tmp_path: Path) -> None:
         # No token, or the wrong one: 401 with a Bearer challenge, and nothing happens.
         wrong = {"Authorization": "Bearer not-the-token"}
         square_ids = [i["id"] for i in await get_instances(c) if i["stage"] == "square"]
-        for method, url, kwargs in (
+        requests: tuple[tuple[str, str, dict[str, Any]], ...] = (
             ("POST", "/api/stages/square/scale", {"json": {"instances": 3}}),
             ("POST", "/api/stages/nope/scale", {"json": {"instances": 3}}),
             ("POST", f"/api/instances/{square_ids[0]}/drain", {}),
             ("POST", path, {"json": {"value": 2}}),
             ("POST", path + "?stream=false", {"json": {"value": 2}}),
-        ):
+        )
+        for method, url, kwargs in requests:
             for headers in ({}, wrong):
                 response = await c.request(method, url, headers=headers, **kwargs)
                 assert response.status_code == 401, (url, headers, response.text)
@@ -529,7 +530,7 @@ async def test_json_ingress_refusals_auth_and_drain(tmp_path: Path) -> None:
         assert response.json()["state"] in ("draining", "stopped")
 
         async def drained() -> bool:
-            states = {i["id"]: i["state"] for i in await get_instances(c)}
+            states: dict[int, str] = {i["id"]: i["state"] for i in await get_instances(c)}
             return states[square_ids[0]] == "stopped"
 
         await until(drained, f"square instance {square_ids[0]} to stop")

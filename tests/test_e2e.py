@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import alto
+from alto.dataplane import InstanceState
 from alto.examples.demo_pb2 import Number, Square, Total
 from alto.testing import open_server
 
@@ -259,7 +260,8 @@ async def test_idempotent_stage_retries_work_of_a_crashed_instance(
     assert not errors, errors
     check_results(values, results)  # every request complete and exact despite the crash
     assert retried >= 1
-    assert [i.state for i in stats.instances if i.stage == "square"].count("crashed") == 1
+    states = [i.state for i in stats.instances if i.stage == "square"]
+    assert states.count(InstanceState.CRASHED) == 1
 
 
 async def test_wrong_token_is_refused(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import httpx
@@ -101,6 +101,7 @@ async def test_chat_stream_from_llama_cpp_server(server_url: str) -> None:
 async def test_early_close_then_reuse(server_url: str) -> None:
     engine = OpenAIEngine(server_url, model="gemma")
     agen = engine.generate("Once upon a time", GenerationParams(max_tokens=200))
+    assert isinstance(agen, AsyncGenerator)  # (typed as an iterator)
     async with contextlib.aclosing(agen) as pieces:
         async for _ in pieces:
             break

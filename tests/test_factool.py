@@ -51,9 +51,10 @@ def check_request(rs: list[alto.Result]) -> tuple[list[Claim], list[Evidence]]:
         assert len(c.key_path) == 2  # [request, claim]
         ev = [e for e in evidence if e.key_path[:2] == c.key_path]
         assert ev, f"no evidence for claim {c.message}"
+        assert isinstance(c.message, Claim)
         for e in ev:
             assert isinstance(e.message, Evidence)
-            assert e.message.claim == c.message.text  # type: ignore[union-attr]
+            assert e.message.claim == c.message.text
             assert len(e.key_path) == 3  # [request, claim, query]
             scores = [p.score for p in e.message.passages]
             assert scores == sorted(scores, reverse=True)
