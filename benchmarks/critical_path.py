@@ -39,6 +39,7 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 QA = (62.5, 57.2, 0.0207, 0.1)
 CLAIMS_PER_WORD = 3.3 / 62.5
@@ -198,7 +199,7 @@ def main() -> None:
     a = ap.parse_args()
     if not 100 <= a.requests <= 1_000_000 or not 0 <= a.retrieval <= 10:
         ap.error("--requests must be in 100..1000000 and --retrieval in 0..10")
-    rows = []
+    rows: list[dict[str, Any]] = []  # one JSON object per mode and claim model
     for claims in ("independent", "proportional"):
         rng = random.Random(a.seed)
         reqs = [Request(rng, claims == "proportional") for _ in range(a.requests)]

@@ -124,7 +124,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode, t in traces.items():
         hops = t["trace"]["hops"]
-        first = {}
+        first: dict[str, float] = {}  # sink queue -> time of its first output
         for h in hops:
             if h["to"] == "sink":
                 first.setdefault(h["queue"], h["t"])

@@ -281,7 +281,7 @@ async def emit(peer: FakePeer, rid: int, count: int, rate: float, stamp: bool) -
         if tpl is None:
             raw = np.frombuffer(bytearray(item_frames(0, 0, count, False)), dtype=np.uint8)
             tpl = _TEMPLATES[count] = raw.reshape(count, -1).copy()
-        arr = tpl  # type: ignore[assignment]
+        arr = tpl
         arr[:, 10:18] = np.frombuffer(rid.to_bytes(8, "little"), dtype=np.uint8)  # type: ignore[index]
         await peer.send(arr.tobytes())  # type: ignore[attr-defined]
         return
@@ -533,8 +533,8 @@ def run_relay(
         "--role", "producer", "--addr", addr, "--per-request", str(per_request),
         "--rate", str(rate), "--out", str(prod_out), env=peer_env,
     )  # fmt: skip
-    for p in (*outs, prod_out):  # every peer has registered (start-up is slow on a busy machine)
-        wait_file(Path(str(p) + ".registered"), timeout=120)
+    for out in (*outs, prod_out):  # every peer has registered (slow on a busy machine)
+        wait_file(Path(str(out) + ".registered"), timeout=120)
     ca = peer_env.get("ALTO_BENCH_CA")
     t0, t1 = trio.run(drive_client, addr, requests, window, ca)
     rt.terminate()  # the instances see EOF, write their numbers and exit
@@ -693,9 +693,10 @@ def main() -> None:
         rows.append((f"through the runtime, every peer {net_label[transport]}", r, fps(r)))
         result[f"{transport}_fps"] = fps(r)
     for name, r, f in rows:
+        wall = float(r["wall"])  # type: ignore[arg-type]
         print(
-            f"| {name} | {r['count']} | {float(r['wall']):.2f} | {f:,.0f} | {f / w_fps:.3f} (1/{w_fps / f:.1f}) |"
-        )  # type: ignore[arg-type]
+            f"| {name} | {r['count']} | {wall:.2f} | {f:,.0f} | {f / w_fps:.3f} (1/{w_fps / f:.1f}) |"
+        )
     print()
     print(f"One-way latency at {a.latency_rate:,.0f} frames/s (microseconds)")
     print()
