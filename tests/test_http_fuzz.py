@@ -66,6 +66,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import CheckContext
 from schemathesis.config import SchemathesisConfig
+from schemathesis.core.result import Ok
 from schemathesis.core.transport import Response as StResponse
 from schemathesis.generation.case import Case
 from schemathesis.generation.modes import GenerationMode
@@ -204,7 +205,7 @@ TYPES = [RICH, Number, Total, Question, Candidates, EncodedQuery, struct_pb2.Str
 
 def _body_document(input_type: type[Message]) -> dict[str, Any]:
     components: dict[str, Any] = {}
-    schema = message_schema(input_type.DESCRIPTOR, components)
+    schema = message_schema(input_type, components)
     return {
         "openapi": "3.1.0",
         "info": {"title": "body", "version": "1"},
@@ -225,7 +226,7 @@ def _body_document(input_type: type[Message]) -> dict[str, Any]:
 
 def _validator(input_type: type[Message]) -> jsonschema_rs.Validator:
     components: dict[str, Any] = {}
-    root = message_schema(input_type.DESCRIPTOR, components)
+    root = message_schema(input_type, components)
     return jsonschema_rs.validator_for({**root, "components": {"schemas": components}})
 
 
@@ -238,7 +239,9 @@ def test_every_body_the_schema_allows_parses_and_every_output_validates(
     input_type: type[Message],
 ) -> None:
     doc = schemathesis.openapi.from_dict(_body_document(input_type))
-    operation = next(iter(doc.get_all_operations())).ok()
+    result = next(iter(doc.get_all_operations()))
+    assert isinstance(result, Ok), result
+    operation = result.ok()
     validator = _validator(input_type)
     seen: list[Any] = []
 
@@ -250,7 +253,7 @@ def test_every_body_the_schema_allows_parses_and_every_output_validates(
         suppress_health_check=list(HealthCheck),
     )
     @given(case=operation.as_strategy())
-    def check(case: Case) -> None:
+    def check(case: Case[Any]) -> None:
         message = _parse(case.body, input_type)  # raises ParseError: the schema is too loose
         seen.append(case.body)
         out = json_format.MessageToDict(message)
@@ -304,7 +307,7 @@ def test_the_rich_schema_says_what_json_format_refuses() -> None:
 
 def test_both_names_of_a_field_are_described() -> None:
     components: dict[str, Any] = {}
-    message_schema(RICH.DESCRIPTOR, components)
+    message_schema(RICH, components)
     properties = components["alto.fuzz.Rich"]["properties"]
     for original, camel, value in (
         ("many_numbers", "manyNumbers", ["1", 2]),
@@ -379,7 +382,7 @@ def control() -> Iterator[ControlThread]:
 # -- 2. fuzzing from /openapi.json -----------------------------------------------------------
 
 
-def refusal_is_json_error(ctx: CheckContext, response: StResponse, case: Case) -> bool | None:
+def refusal_is_json_error(ctx: CheckContext, response: StResponse, case: Case[Any]) -> bool | None:
     """Every 4xx: a JSON object whose ``error`` is a non-empty string."""
     if 400 <= response.status_code < 500:
         media = response.headers.get("content-type", [""])[0]
@@ -389,7 +392,7 @@ def refusal_is_json_error(ctx: CheckContext, response: StResponse, case: Case) -
     return None
 
 
-def no_server_error(ctx: CheckContext, response: StResponse, case: Case) -> bool | None:
+def no_server_error(ctx: CheckContext, response: StResponse, case: Case[Any]) -> bool | None:
     """No 5xx, except the 503 by which /readyz says "not ready" (documented)."""
     status = response.status_code
     if status >= 500 and not (case.operation.path == "/readyz" and status == 503):
@@ -424,7 +427,7 @@ def fuzz(
     examples: int,
     *,
     token: str | None = TOKEN,
-    adjust: Callable[[Case], None] | None = None,
+    adjust: Callable[[Case[Any]], None] | None = None,
 ) -> FuzzReport:
     """Fuzz every operation of ``url``'s own /openapi.json, positive and negative.
 
@@ -438,8 +441,8 @@ def fuzz(
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config, timeout=30)
     report = FuzzReport()
 
-    def sender(key: str) -> Callable[[Case], None]:
-        def one(case: Case) -> None:
+    def sender(key: str) -> Callable[[Case[Any]], None]:
+        def one(case: Case[Any]) -> None:
             if adjust is not None:
                 adjust(case)
             try:
@@ -456,6 +459,7 @@ def fuzz(
         return one
 
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result  # the served document is valid
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             key = f"{operation.label} ({mode})"
@@ -894,7 +898,7 @@ def test_a_closing_client_gets_its_connection_closed(control: ControlThread) -> 
 # -- 4. a real alto serve --------------------------------------------------------------------
 
 
-def _bounded_demo_value(case: Case) -> None:
+def _bounded_demo_value(case: Case[Any]) -> None:
     """The demo's generate stage writes ``value`` items 50 ms apart: a valid request for a
     billion items is legitimately a long one, not a hang. Bound it to 12."""
     if case.operation.path == "/v1/pipelines/{name}/requests" and isinstance(case.body, dict):

@@ -35,9 +35,10 @@ fields) is left out: it is never needed to say something.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 __all__ = ["message_schema"]
 
@@ -277,12 +278,13 @@ class _Builder:
 
 
 def message_schema(
-    desc: Descriptor, components: dict[str, Any], prefix: str = "#/components/schemas/"
+    message: type[Message], components: dict[str, Any], prefix: str = "#/components/schemas/"
 ) -> dict[str, Any]:
-    """The JSON Schema of ``desc``'s JSON form: a reference into ``components`` (filled
-    with every message type it needs, under its full name), or an inline schema for a
-    well-known type.
+    """The JSON Schema of the JSON form of ``message`` (a protobuf message class): a
+    reference into ``components`` (filled with every message type it needs, under its full
+    name), or an inline schema for a well-known type.
 
     Raises ValueError for a field type with no JSON mapping (none in proto3).
     """
+    desc = cast(Descriptor, message.DESCRIPTOR)  # upb's descriptor type behaves alike
     return _Builder(components, prefix).message(desc)

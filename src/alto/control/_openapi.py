@@ -22,9 +22,8 @@ Status codes of refusals, the same on every endpoint:
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
-from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from ..dataplane._stats import RuntimeStatistics
@@ -183,10 +182,10 @@ def _input_body(
 ) -> tuple[dict[str, Any], str]:
     if input_type is None:
         return {}, "The JSON form of the pipeline's input message."
-    desc = cast(Descriptor, input_type.DESCRIPTOR)  # the upb descriptor type behaves alike
-    schema = message_schema(desc, components)
+    schema = message_schema(input_type, components)
+    name = input_type.DESCRIPTOR.full_name
     return schema, (
-        f"The JSON form of the pipeline's input message {desc.full_name} (protobuf's JSON "
+        f"The JSON form of the pipeline's input message {name} (protobuf's JSON "
         "mapping, as json_format reads it: 64-bit integers as strings or numbers, bytes as "
         "base64, enums by name, repeated fields as arrays; a field under its lowerCamelCase "
         "or its original name; unknown fields are refused)."
