@@ -90,7 +90,11 @@ def write_deploy(tmp_path: Path, text: str) -> Path:
 async def serving(
     pipeline: Path, deploy: Path | None
 ) -> AsyncIterator[tuple[alto.ServeInfo, httpx.AsyncClient]]:
-    """A real ``alto serve`` (instance processes, HTTP on a free port, a token)."""
+    """A real ``alto serve`` (instance processes, HTTP on a free port, a token).
+
+    ``alto.serve`` itself rather than ``alto.testing.open_server``: these tests also run
+    against a checkout from before the limits (which had no ``open_server``), and must
+    fail there on the limits, not on an import."""
     async with trio.open_nursery() as nursery:
         with trio.fail_after(120):
             info: alto.ServeInfo = await nursery.start(
