@@ -13,7 +13,7 @@ import alto
 from alto._config import AutoscaleConfig
 from alto.dataplane._autoscaler import Autoscaler
 from alto.dataplane._supervisor import ScaleConflict
-from alto.examples.demo_pb2 import Number
+from alto.examples.demo_pb2 import Item, Number
 from alto.testing import open_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +96,11 @@ async def test_a_step_load_scales_a_stage_up_and_back_down(
 
     original = demo.square
 
-    async def slow_square(msg: object, ctx: alto.Context) -> None:
+    async def slow_square(msg: Item, ctx: alto.Context) -> None:
         await trio.sleep(0.5)
-        await original(msg, ctx)  # type: ignore[arg-type]
+        await original(msg, ctx)
 
-    demo.square = slow_square  # type: ignore[assignment]
+    demo.square = slow_square
     try:
         async with open_pipeline(pipeline, deployment=deploy) as p:
             counts: list[int] = []
@@ -135,4 +135,4 @@ async def test_a_step_load_scales_a_stage_up_and_back_down(
             with pytest.raises(ScaleConflict, match="autoscaled between 1 and 4"):
                 await p.runtime.scale("square", 3)
     finally:
-        demo.square = original  # type: ignore[assignment]
+        demo.square = original

@@ -103,6 +103,7 @@ async def test_writes_carry_keys_derived_from_the_queue_prompt(
         results = await p.run(Number(value=12))
     by_template: dict[int, set[int]] = {0: set(), 1: set()}
     for r in results:
+        assert isinstance(r.message, Square)
         by_template[r.message.value % 2].add(r.message.instance)
     # Each template stayed on one instance, and the two templates did not share one.
     assert len(by_template[0]) == 1 and len(by_template[1]) == 1

@@ -38,7 +38,7 @@ import math
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from types import MappingProxyType
 from typing import Any
 
@@ -471,7 +471,7 @@ class Runtime:
 
     async def submit(
         self, payload: bytes, *, timeout: float | None = None, traceparent: str | None = None
-    ) -> AsyncIterator[RequestEvent]:
+    ) -> AsyncGenerator[RequestEvent, None]:
         """In-process ingress (the HTTP control plane uses it). See RuntimeCommands.
         Closing the iterator before ``done`` or ``error`` cancels the request."""
         sink = LocalSink()

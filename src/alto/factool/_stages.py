@@ -207,9 +207,7 @@ class AnswerQuestion(_LMStage):
     async def process(self, q: Question, ctx: Context) -> None:
         text = ""
         sent = 0  # characters of text already sent as sentences
-        async with aclosing(
-            self._gen(qa_prompt(q), ["\n", "Q:"], QA_KEY, ctx)
-        ) as gen:
+        async with aclosing(self._gen(qa_prompt(q), ["\n", "Q:"], QA_KEY, ctx)) as gen:
             async for piece in gen:
                 text += piece
                 if self.sentences:
