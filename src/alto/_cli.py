@@ -143,6 +143,8 @@ class _OutputTail:
             else:
                 leaves.append(e)
         for leaf in leaves:
+            if "setup failed:" in str(leaf):
+                return None  # the instance said why itself (its setup() raised)
             found = self._FAILED.match(str(leaf)) if isinstance(leaf, AltoError) else None
             last = self.buffer.last.get(found[1]) if found else None
             if last is not None:

@@ -195,6 +195,9 @@ class StageDeployment:
     resources: Mapping[str, float] = field(default_factory=dict)
     placement: str | None = None
     autoscale: AutoscaleConfig | None = None  # [stages.NAME.autoscale]
+    # Options of the instance in slot k merged over the pipeline's stage options (tables
+    # merge key by key, at every depth): e.g. one engine server's base_url per instance.
+    instance_options: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +252,15 @@ class DeploymentConfig:
     def placement(self, stage: str) -> str | None:
         d = self.stages.get(stage)
         return d.placement if d is not None else None
+
+    def instance_options(self, stage: StageConfig, slot: int) -> dict[str, Any]:
+        """The options of ``stage``'s instance in ``slot``: the pipeline's options, with
+        the deployment's ``instance_options[slot]`` merged over them (if there is one)."""
+        d = self.stages.get(stage.name)
+        base = dict(stage.options)
+        if d is None or slot >= len(d.instance_options):
+            return base
+        return _merge(base, d.instance_options[slot])
 
     def max_instances(self, stage: str) -> int:
         d = self.stages.get(stage)
@@ -619,7 +631,16 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
             )  # fmt: skip
         t = _Table(p, f"stages.{sname}", sdata)
         t.check_keys(
-            ("instances", "credits", "max_instances", "cpus", "resources", "placement", "autoscale")
+            (
+                "instances",
+                "credits",
+                "max_instances",
+                "cpus",
+                "resources",
+                "placement",
+                "autoscale",
+                "instance_options",
+            )
         )
         cap = t.positive("max_instances", None, maximum=limits.max_instances)
         n = t.positive("instances", 1, maximum=cap if cap is not None else limits.max_instances)
@@ -636,6 +657,7 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
             resources=t.resources("resources"),
             placement=placement,
             autoscale=_autoscale(p, sname, t, n, cap or limits.max_instances),
+            instance_options=_instance_options(p, t, cap or limits.max_instances),
         )
     total = sum(stages[s].instances if s in stages else 1 for s in pipeline.stages)
     if total > limits.max_instances:
@@ -654,6 +676,35 @@ def load_deployment(path: str | Path | None, pipeline: PipelineConfig) -> Deploy
         here = Path(p).parent  # relative paths are relative to the deployment file
         tls = TLSConfig(str(here / t.get("cert", str)), str(here / t.get("key", str)))
     return DeploymentConfig(p, limits, stages, launcher, dict(top.table("launcher", {})), tls)
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: tables key by key at every depth, anything else
+    replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _instance_options(p: str, t: _Table, cap: int) -> tuple[Mapping[str, Any], ...]:
+    """``instance_options``: a list of tables, one per instance slot."""
+    raw = t.get("instance_options", list, [], what="a list of tables (one per instance)")
+    if len(raw) > cap:
+        raise ConfigError(
+            p,
+            t.key("instance_options"),
+            f"{len(raw)} entries, but the stage may have at most {cap} instances",
+        )
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(
+                p, f"{t.key('instance_options')}[{i}]", f"expected a table, got {item!r}"
+            )
+    return tuple(dict(item) for item in raw)
 
 
 def _autoscale(p: str, stage: str, t: _Table, instances: int, cap: int) -> AutoscaleConfig | None:

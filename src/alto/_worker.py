@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 from collections import OrderedDict
+from typing import Any
 
 import anyio
 from anyio.abc import ByteStream
@@ -162,13 +163,9 @@ class Worker:
         self._groups: dict[int, set[tuple[int, ...]]] = {}
 
     async def run(self) -> None:
-        await self.handler.setup()
-        try:
-            stream = await connect(self.address)
-            async with stream:
-                await self._serve(stream)
-        finally:
-            await self.handler.aclose()
+        stream = await connect(self.address)
+        async with stream:
+            await self._serve(stream)
 
     async def _serve(self, stream: ByteStream) -> None:
         peer = peer_connection(stream)
@@ -187,6 +184,36 @@ class Worker:
             self.stage.name, self.instance, os.getpid(), self.stage.backend,
         )  # fmt: skip
         peer.decoder.max_frame_size = int(welcome["max_frame_size"])
+        options = welcome.get("options")
+        if isinstance(options, dict) and options != dict(self.stage.options):
+            # This instance's slot has options of its own (the deployment's
+            # instance_options: e.g. its own engine server's base_url).
+            self.handler = StageHandler(
+                self.stage.name,
+                resolve(self.stage.entry, what="stage entry"),
+                options,
+                self.stage.stateful,
+            )
+        try:
+            await self.handler.setup()
+        except Exception as exc:
+            # Said before the connection closes, so that the runtime's "failed to start"
+            # names the cause, not only the exit code.
+            detail = truncate_error(f"setup failed: {type(exc).__name__}: {exc}")
+            with anyio.CancelScope(shield=True):
+                await stream.send(encode(FrameKind.ERROR, [0], payload=detail.encode()))
+            raise
+        try:
+            await stream.send(encode(FrameKind.READY, [0]))
+            await self._serve_ready(stream, peer, welcome)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.handler.aclose()
+
+    async def _serve_ready(
+        self, stream: ByteStream, peer: PeerConnection, welcome: dict[str, Any]
+    ) -> None:
+        assert self.instance is not None
         out = _Output(
             stream, peer.decoder.max_frame_size, bool(welcome.get("coalesce_acks", False))
         )

@@ -140,12 +140,7 @@ class _InProcessLauncher:
             self.scopes[iid] = scope
             wstream = await anyio.abc.UNIXSocketStream.from_socket(sock)
             async with wstream:
-                await worker.handler.setup()
-                try:
-                    await worker._serve(wstream)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await worker.handler.aclose()
+                await worker._serve(wstream)
         self.scopes.pop(iid, None)
         self.runtime.instance_exited(iid, 0)  # it got STOP, or the runtime closed
 
@@ -369,9 +364,13 @@ class FakePeer:
             self.id = int(self.welcome.get("instance", 0))
         return frame
 
-    async def instance(self, token: str, stage: str, iid: int | None = None) -> FakePeer:
-        """Register as an instance of ``stage``; fails the test when refused."""
-        frame = await self.hello(token, role="instance", stage=stage, instance=iid)
+    async def instance(
+        self, token: str, stage: str, iid: int | None = None, *, ready: bool = True
+    ) -> FakePeer:
+        """Register as an instance of ``stage``; with ``ready`` (HELLO's ``ready: true``),
+        ready for work at once (a worker says READY when its set-up is done; until then no
+        work is routed to it; a fake has nothing to set up). Fails the test when refused."""
+        frame = await self.hello(token, role="instance", stage=stage, instance=iid, ready=ready)
         assert frame.kind == FrameKind.WELCOME, frame
         return self
 

@@ -160,6 +160,7 @@ class Side:
                 inst = self.rt.supervisor.new_instance(name, launched=False)
                 conn = _memory_conn(f"{name}/{inst.id}")
                 self.rt.supervisor.register(name, inst.id, None, conn)
+                self.rt.supervisor.ready(inst)  # as if it said READY after its set-up
                 self.bufs[inst.id] = bytearray()
 
     def submit(self, corr: int, payload: bytes) -> int:
@@ -689,6 +690,7 @@ async def test_the_receive_buffer_shrinks_back_after_a_large_frame(tmp_path: Pat
     sock = _ScriptedSocket([big[:RECV_SIZE], big[RECV_SIZE:], small, b""])
     conn = Conn(cast(trio.socket.SocketType, sock), "b")
     rt.supervisor.register("b", inst.id, None, conn)
+    rt.supervisor.ready(inst)
     with trio.fail_after(TIMEOUT):
         await rt.relay.read_loop(conn, inst, b"")
     assert rt.relay.frames_discarded == 2

@@ -84,6 +84,7 @@ class FrameKind(enum.IntEnum):
     CANCEL = 14
     SPAN = 15  # instance -> runtime: JSON timings of one processed input of a traced request
     STATS = 16  # instance -> runtime: JSON metric deltas (histograms) since the last STATS
+    READY = 17  # instance -> runtime: set up (model loaded): it may be sent work from now on
 
 
 class FrameFlags(enum.IntFlag):

@@ -82,6 +82,7 @@ _ERROR = FrameKind.ERROR
 _LAST = FrameFlags.LAST
 _TRACED = FrameFlags.TRACED
 _SPAN = FrameKind.SPAN
+_SET_UP = FrameKind.READY
 _STATS = FrameKind.STATS
 _READY = InstanceState.READY
 _DRAINING = InstanceState.DRAINING
@@ -93,6 +94,7 @@ class Relay:
     Callbacks wired by the runtime:
 
     * ``on_idle(instance)``: a draining instance may have finished its work;
+    * ``on_ready(instance)``: an instance finished its set-up (READY);
     * ``on_client_frame(conn, buf, off, fend, header)``: a frame from a client (SUBMIT).
     """
 
@@ -112,6 +114,7 @@ class Relay:
         # What the batch being handled pushed over the backlog limit (see wait_overfull).
         self.overfull: list[Instance] = []
         self.on_idle: Callable[[Instance], None] = _no_idle
+        self.on_ready: Callable[[Instance], None] = _no_idle
         self.on_client_frame: Callable[[Conn, bytearray, int, int, tuple[int, ...]], None] = (
             _no_clients
         )
@@ -477,6 +480,12 @@ class Relay:
                         merge_histogram(st.metrics, delta, name)
             except ValueError as exc:
                 log.warning("%s/%d sent malformed STATS: %s", st.name, inst.id, exc)
+        elif kind == _SET_UP:
+            self.on_ready(inst)
+        elif kind == _ERROR and rid == 0:
+            # Not about a request: the instance says why it cannot start (its setup failed).
+            p = payload_offset(off, depth, qlen, pklen)
+            inst.last_error = truncate_error(bytes(buf[p:fend]).decode("utf-8", "replace"))
         elif kind == _ERROR:
             st.errors += 1
             p = payload_offset(off, depth, qlen, pklen)

@@ -110,6 +110,7 @@ class Runtime:
         self.ledger.ended = self.relay.cancel_work
         self.ledger.finished = self._finished
         self.relay.on_idle = self.supervisor.maybe_finish_drain
+        self.relay.on_ready = self.supervisor.ready
         self.relay.on_client_frame = self._client_frame
         self.tracer = Tracer(pipeline.name, self.limits.trace_sample_rate, exporter=trace_exporter)
         self.instances = self.supervisor.instances
@@ -252,10 +253,17 @@ class Runtime:
                         # The runtime needs exact paths only where it tracks them.
                         "coalesce_acks": not (st.tracked or st.retains),
                         "max_frame_size": self.limits.max_frame_size,
+                        "slot": inst.slot,
+                        # the stage's options with this slot's instance_options over them
+                        "options": self.deployment.instance_options(st.cfg, inst.slot),
                     }
                 ).encode(),
             )
         )
+        if body.get("ready") is True:
+            # A peer with nothing to set up (a test's fake instance, a benchmark's) says so
+            # in HELLO: ready at once, after WELCOME (a retried frame must follow it).
+            self.supervisor.ready(inst)
         reason = ""  # stays empty when the runtime itself is cancelled (shutting down)
         try:
             await self.relay.read_loop(conn, inst, rest)

@@ -110,9 +110,15 @@ class Supervisor:
         return sum(1 for i in self.instances.values() if i.launched and not i.ended)
 
     def new_instance(self, stage: str, *, launched: bool = True) -> Instance:
-        """Reserve an id and a record for an instance of ``stage`` about to start."""
+        """Reserve an id, a slot and a record for an instance of ``stage`` about to start.
+
+        The slot is the lowest the stage's other live instances do not hold (0, 1, ...): a
+        replacement takes over the slot of the instance it replaces, and with it that
+        slot's ``instance_options`` from the deployment file."""
         st = self.topology.stages[stage]
         inst = Instance(next(self._ids), st, self.deployment.credits(stage), launched=launched)
+        taken = {i.slot for i in st.instances.values() if not i.ended}
+        inst.slot = next(k for k in itertools.count() if k not in taken)
         self.instances[inst.id] = inst
         st.instances[inst.id] = inst
         self._notify()
@@ -134,7 +140,9 @@ class Supervisor:
 
     def register(self, stage: str, iid: int | None, pid: object, conn: Conn) -> Instance:
         """An instance said HELLO. ``iid`` is the id it was spawned with, or None for one
-        that connected on its own. Raises Refused (the message goes back to the peer)."""
+        that connected on its own. It stays ``starting`` (no work is routed to it) until
+        it says READY, once its ``setup()`` is done (:meth:`ready`). Raises Refused (the
+        message goes back to the peer)."""
         st = self.topology.stages.get(stage)
         if st is None:
             raise Refused(f"unknown stage {stage!r}; stages: {', '.join(self.topology.stages)}")
@@ -152,21 +160,20 @@ class Supervisor:
             inst = found
         inst.conn = conn
         inst.pid = pid if isinstance(pid, int) else None
+        log.info("instance %s/%d connected (pid %s), setting up", st.name, inst.id, inst.pid)
+        return inst
+
+    def ready(self, inst: Instance) -> None:
+        """The instance said READY (set up, after WELCOME): route work to it from now on,
+        including the retries of a crashed idempotent instance that waited for it."""
+        if inst.state != InstanceState.STARTING:
+            return  # a repeated or late READY changes nothing
+        st = inst.stage
         inst.state = InstanceState.READY
         st.loads[inst.id] = inst.queue_depth
         st.scheduler.add_instance(inst.id)
         log.info("instance %s/%d ready (pid %s)", st.name, inst.id, inst.pid)
         self._notify()
-        if self._pending.get(st.index):
-            if self.nursery is not None:
-                # Not now: the caller answers HELLO with WELCOME once this returns, and a
-                # retried frame sent before it would break the new instance's handshake.
-                self.nursery.start_soon(self._flush_after_welcome, st)
-            else:
-                self._flush_pending(st)
-        return inst
-
-    async def _flush_after_welcome(self, st: Stage) -> None:
         self._flush_pending(st)
 
     # ------------------------------------------------------------------ loss and exit
@@ -197,6 +204,8 @@ class Supervisor:
             inst.state == InstanceState.DRAINING and inst.queue_depth == 0 and inst.open_groups == 0
         )
         registered = inst.state != InstanceState.STARTING
+        if not registered and inst.last_error:
+            reason = f"{inst.last_error} ({reason})"  # why its set-up failed, as it said
         inst.state = InstanceState.STOPPED if expected else InstanceState.CRASHED
         if not expected:
             inst.last_error = truncate_error(reason)

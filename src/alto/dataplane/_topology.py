@@ -82,6 +82,7 @@ class Instance:
         # Started by this runtime's launcher (and so replaced by it after a crash), or
         # connected on its own (``alto worker --connect``): nobody here can restart those.
         self.launched = launched
+        self.slot = 0  # its place among its stage's live instances (per-instance options)
         self.state = InstanceState.STARTING
         self.conn: Conn | None = None
         self.credits_in_use = 0  # frames sent to it and not yet acknowledged
