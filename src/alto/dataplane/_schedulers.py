@@ -536,7 +536,11 @@ class PromptCost(Scheduler):
     cache-aware router keeps an approximate radix tree per worker: an LRU of the last
     ``cache_keys`` distinct keys it sent to that instance. The model is only a guess
     (an engine may evict sooner under memory pressure, or hold more); a wrong guess costs
-    a miss or a detour, never correctness.
+    a miss or a detour, never correctness. Keys are compared whole: a key derived from the
+    prompt (``alto._stage.prefix_key``, the hashes of its first 512 bytes) is the same for
+    every request of a template whose shared part is at least that long, but differs per
+    request for a shorter template, which this policy then treats as a new prompt each
+    time (the least loaded instance wins); ``prompt-affinity`` matches such keys by prefix.
 
     Consequences: a key seen for the first time goes to the least loaded instance and
     stays there while the cost of a miss elsewhere is higher; past that the frame goes
@@ -555,15 +559,16 @@ class PromptCost(Scheduler):
         miss_cost: the prefill delay of a miss, in queued frames, 0..10000 (0 is
             least-outstanding that prefers a cached instance on ties).
             ``benchmarks/prompt_routing.py`` (1-4k-token prefixes at 10k tokens/s, Table
-            1's QA decoding, batch 32) found 1.5 to 3 best among 0.25 to 4 (below 1 it
-            spreads templates too eagerly, at 4 it balances too little); the default is 2.
+            1's QA decoding, batch 32) found 3 best among 0.25 to 4: at 2 and below it
+            copies templates too eagerly and loses hits at moderate load, at 4 it balances
+            less. The default is 3.
         cache_keys: how many prompt keys one instance's prefix cache is assumed to hold,
             1..65536: about its free KV capacity divided by a template's prefix length.
     """
 
     name = "prompt-cost"
     option_defaults: ClassVar[Mapping[str, object]] = MappingProxyType(
-        {"miss_cost": 2.0, "cache_keys": 8}
+        {"miss_cost": 3.0, "cache_keys": 8}
     )
 
     def __init__(self, **options: Any) -> None:
