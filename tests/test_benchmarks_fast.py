@@ -94,3 +94,89 @@ def test_prompt_routing_fast(tmp_path: Path) -> None:
         assert low[aware]["hit_rate"] > low["least-outstanding"]["hit_rate"] + 0.05
     for policy in policies:
         assert f"| {policy} |" in stdout
+
+
+def run_served_fast(script: str, tmp_path: Path, *extra: str) -> tuple[dict[str, Any], str]:
+    """A benchmark that serves the emulated FacTool pipeline (real instance processes, a
+    load generator process) in its ``--fast`` mode; its JSON and its table."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--fast", "--json", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result, proc.stdout
+
+
+@pytest.mark.slow
+def test_abandon_fast(tmp_path: Path) -> None:
+    res, stdout = run_served_fast("abandon.py", tmp_path)
+    runs = res["runs"]
+    assert [r["run"] for r in runs] == ["abandonment", "no abandonment"]
+    for r in runs:
+        assert {
+            "requests", "abandoned", "completed", "failed", "lost", "live_p50", "live_p99",
+            "lm_tokens", "lm_tokens_in_traces", "tokens_per_completed", "leftovers",
+            "tokens_after_abandonment", "steps_after_abandonment", "goal_met",
+        } <= r.keys()  # fmt: skip
+        assert r["requests"] > 0 and r["lost"] == 0
+        assert r["requests"] == r["completed"] + r["abandoned"] + r["failed"] + r["refused"]
+        # Once drained, nothing is left anywhere: no request in flight, no credit in use,
+        # no queued frame, no open group, no LM sequence in an engine.
+        assert r["settled"] and r["clean"]
+        assert set(r["leftovers"].values()) == {0}
+        # The traces account for the tokens the engines generated (the spans of cancelled
+        # inputs arrive after their request ended and still count).
+        assert 0 < r["lm_tokens_in_traces"] <= r["lm_tokens"]
+        assert r["lm_tokens_in_traces"] >= 0.98 * r["lm_tokens"]
+        assert 0 < r["live_p50"] <= r["live_p99"]
+    ab, none = runs
+    # The same requests in both runs; only the first run acts on the abandonment draws.
+    assert ab["requests"] == none["requests"] and ab["abandon_planned"] == none["abandon_planned"]
+    assert none["abandoned"] == 0 and none["completed"] == none["requests"] - none["failed"]
+    assert 1 <= ab["abandoned"] <= ab["abandon_planned"]
+    assert ab["abandoned_traced"] == ab["abandoned"]
+    assert ab["runtime_outcomes"].get("cancelled", 0) >= 1
+    assert ab["tokens_after_abandonment"]["n"] == ab["abandoned"]
+    # Abandoned requests stop generating: the run with abandonment costs fewer tokens.
+    assert ab["lm_tokens"] < none["lm_tokens"]
+    assert 0 < res["saved"]["share_saved"] <= 1
+    assert "| abandonment |" in stdout and "| no abandonment |" in stdout
+
+
+@pytest.mark.slow
+def test_autoscale_fast(tmp_path: Path) -> None:
+    plot = tmp_path / "autoscale.png"
+    res, stdout = run_served_fast("autoscale.py", tmp_path, "--plot", str(plot))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {r["run"]: r for r in res["runs"]}
+    assert list(runs) == ["fixed", "autoscaled"]
+    lm = ("qa", "claims", "queries")
+    for r in runs.values():
+        assert (
+            r["requests"] > 0 and r["lost"] == 0 and r["completed"] + r["failed"] == r["requests"]
+        )
+        assert r["settled"] and r["clean"]
+        assert [p["offered"] for p in r["phases"]] == [res["low"], res["high"], res["low"]]
+        for p in r["phases"]:
+            assert {"p50", "p99", "mean_instances", "requests"} <= p.keys()
+        # Sampled every 0.5 s through the load (three phases) and its drain.
+        times = [s["t"] for s in r["timeline"]]
+        assert times == sorted(times) and len(times) >= 3 * res["phase_seconds"] / 0.5 * 0.8
+        assert 0 < r["lm_instance_seconds"]
+        assert f"| {r['run']} |" in stdout
+    # The paper's deployment does not move; the autoscaled one stays in 1..4 and moves
+    # only by the autoscaler's decisions, each with its reason.
+    fixed, auto = runs["fixed"], runs["autoscaled"]
+    assert fixed["scale_events"] == []
+    assert {tuple(s["held"][st] for st in lm) for s in fixed["timeline"]} == {(2, 2, 3)}
+    assert all(1 <= s["held"][st] <= 4 for s in auto["timeline"] for st in lm)
+    for e in auto["scale_events"]:
+        assert e["stage"] in lm and e["by"] == "autoscaler" and 1 <= e["to"] <= 4
+        assert "queue depth" in e["reason"]
+    # The 4x step wants more query generators than one: the autoscaler adds them.
+    assert any(e["stage"] == "queries" and e["to"] > e["from"] for e in auto["scale_events"])
