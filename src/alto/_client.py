@@ -57,6 +57,8 @@ class Client:
         self.pipeline = ""
         self.input_queue = ""
         self._send_lock = trio.Lock()
+        # Submissions left before their ACCEPTED arrived (correlation ids): cancelled then.
+        self._abandoned: set[int] = set()
         self._closed = False
 
     async def _handshake(self) -> None:
@@ -94,6 +96,13 @@ class Client:
                     if ch is not None:
                         self._by_rid[rid] = ch
                         self._deliver(ch, ("accepted", rid))
+                    elif corr in self._abandoned:
+                        # Its submit() was left before the runtime accepted it: nobody
+                        # will read its results, so it is cancelled now that it has an id.
+                        self._abandoned.discard(corr)
+                        await self.cancel(rid)
+                elif k == FrameKind.REFUSED and frame.key_path[0] in self._abandoned:
+                    self._abandoned.discard(frame.key_path[0])
                 elif k == FrameKind.REFUSED:
                     ch = self._pending.pop(frame.key_path[0], None)
                     if ch is not None:
@@ -189,6 +198,8 @@ class Client:
         finally:  # also when the caller stops early: forget this request's channel
             recv.close()
             self._pending.pop(corr, None)
+            if not rid and not finished:
+                self._abandoned.add(corr)  # cancelled when its ACCEPTED arrives
             if rid:
                 self._by_rid.pop(rid, None)
                 if not finished and not self._closed:

@@ -71,7 +71,7 @@ from ._config import (
 from ._errors import ConfigError
 from ._serve import ServeInfo, serve
 from ._worker import Worker
-from .dataplane._frames import SIZE, Frame, FrameKind, encode
+from .dataplane._frames import PROTOCOL_VERSION, SIZE, Frame, FrameKind, encode
 from .dataplane._peer import PeerConnection
 from .dataplane._runtime import Runtime
 from .dataplane._tls import TLSSocket
@@ -355,9 +355,8 @@ class FakePeer:
 
     async def hello(self, token: str, **body: Any) -> Frame:
         """Send HELLO with ``token`` and ``body``; return the answer (WELCOME or REFUSED)."""
-        await self.send(
-            encode(FrameKind.HELLO, [0], payload=json.dumps({"token": token, **body}).encode())
-        )
+        hello = {"protocol": PROTOCOL_VERSION, "token": token, **body}
+        await self.send(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
         frame = await self.expect()
         if frame.kind == FrameKind.WELCOME:
             self.welcome = json.loads(frame.payload)

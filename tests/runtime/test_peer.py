@@ -19,9 +19,10 @@ from alto import AuthenticationError
 from alto._errors import RemoteProtocolError
 from alto._worker import _OUT_HIGH_WATER, _Output
 from alto.dataplane import FrameKind, encode
+from alto.dataplane._frames import PROTOCOL_VERSION
 from alto.dataplane._peer import PeerConnection
 from alto.examples.demo_pb2 import Number, Total
-from alto.testing import open_pipeline
+from alto.testing import FakePeer, open_pipeline
 
 # --------------------------------------------------------------------------- the handshake
 
@@ -48,7 +49,12 @@ async def test_handshake_sends_hello_and_returns_welcome() -> None:
     assert body == {"instance": 3, "credits": 8}
     (hello,) = sent
     assert hello[4] == FrameKind.HELLO
-    assert json.loads(hello[18:]) == {"token": "t", "role": "instance", "stage": "a"}
+    assert json.loads(hello[18:]) == {
+        "protocol": PROTOCOL_VERSION,
+        "token": "t",
+        "role": "instance",
+        "stage": "a",
+    }
 
 
 @pytest.mark.parametrize(
@@ -103,6 +109,45 @@ async def test_client_submit_left_early_leaves_the_client_usable(tmp_path: Path)
             await wait_until(lambda: not p.runtime.requests)
             res = await p.run(Number(value=4))
             assert [r.message.total for r in res if isinstance(r.message, Total)] == [14]
+
+
+async def test_a_peer_of_another_protocol_version_is_refused_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    async with open_pipeline(demo_pipeline(tmp_path)) as p, trio.open_nursery() as n:
+        peer = FakePeer.attach(p.runtime, n)
+        payload = json.dumps({"protocol": 1, "token": p.runtime.token, "role": "client"})
+        await peer.send(encode(FrameKind.HELLO, [0], payload=payload.encode()))
+        refused = await peer.expect()
+        assert refused.kind == FrameKind.REFUSED
+        assert b"speaks alto protocol 2, the peer 1" in refused.payload
+        n.cancel_scope.cancel()
+
+
+async def test_a_submit_left_before_it_was_accepted_is_cancelled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    text = demo_pipeline(tmp_path).read_text().replace("delay = 0", "delay = 0.5")
+    (tmp_path / "slow.toml").write_text(text)
+    async with open_pipeline(tmp_path / "slow.toml") as p:
+        client = p.client
+        real_send = client._stream.send_all
+        with trio.CancelScope() as scope:
+
+            async def send_then_leave(data: bytes | bytearray | memoryview) -> None:
+                await real_send(data)
+                scope.cancel()  # the caller gives up right after sending SUBMIT
+
+            client._stream.send_all = send_then_leave  # type: ignore[method-assign]
+            async with aclosing(client.submit(Number(value=20))) as results:
+                async for _ in results:
+                    pass
+        client._stream.send_all = real_send  # type: ignore[method-assign]
+        with trio.fail_after(TIMEOUT):
+            while p.runtime.statistics().requests_cancelled != 1:
+                await trio.sleep(0.01)
+        stats = p.runtime.statistics()
+        assert stats.requests_completed == 0 and stats.requests_in_flight == 0
 
 
 # --------------------------------------------------------------------------- the worker's

@@ -39,6 +39,7 @@ __all__ = [
     "MIN_FRAME_SIZE",
     "NEED_DATA",
     "PATH_OFFSET",
+    "PROTOCOL_VERSION",
     "SIZE",
     "Frame",
     "FrameDecoder",
@@ -59,6 +60,10 @@ SIZE: Final = struct.Struct("<I")  # the length prefix alone
 PATH_OFFSET: Final = 10  # bytes before the key path: size(4) kind flags qlen depth pklen(2)
 MIN_FRAME_SIZE: Final = PATH_OFFSET + 8  # a header with a one-id key path and nothing else
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024 * 1024
+# The version of this protocol (frame kinds, HELLO/WELCOME fields) that peers say in
+# HELLO. A runtime refuses an instance or client of another version with an error naming
+# both, rather than failing later on a frame one of them does not know.
+PROTOCOL_VERSION: Final = 2
 MAX_DEPTH: Final = 255
 
 

@@ -14,7 +14,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .._errors import AuthenticationError, RemoteProtocolError
-from ._frames import DEFAULT_MAX_FRAME_SIZE, NEED_DATA, Frame, FrameDecoder, FrameKind, encode
+from ._frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    FrameKind,
+    encode,
+)
 
 __all__ = ["PeerConnection"]
 
@@ -61,6 +69,7 @@ class PeerConnection:
         a limit reached: the message says which) or closes the connection instead of
         answering, RemoteProtocolError when it answers with another frame.
         """
+        hello = {"protocol": PROTOCOL_VERSION, **hello}
         await self.send_all(encode(FrameKind.HELLO, [0], payload=json.dumps(hello).encode()))
         frame = await self.next_frame()
         if frame is None:

@@ -50,7 +50,14 @@ from .._errors import OverloadedError, RemoteProtocolError
 from .._telemetry import BUCKETS
 from ._autoscaler import Autoscaler
 from ._connections import Conn, ConnSink, LocalSink, Sink, read_hello, set_tcp_options
-from ._frames import PATH_OFFSET, FrameFlags, FrameKind, encode, payload_offset
+from ._frames import (
+    PATH_OFFSET,
+    PROTOCOL_VERSION,
+    FrameFlags,
+    FrameKind,
+    encode,
+    payload_offset,
+)
 from ._launcher import Launcher
 from ._ledger import Ledger, Request
 from ._relay import Relay
@@ -205,6 +212,16 @@ class Runtime:
                     log.warning("refused a connection without the runtime's token")
                     await sock.send(
                         encode(FrameKind.REFUSED, [0], payload=b"authentication failed")
+                    )
+                    return
+                version = body.get("protocol", 1)
+                if version != PROTOCOL_VERSION:
+                    log.warning("refused a peer speaking alto protocol %r", version)
+                    await sock.send(
+                        _refusal(
+                            f"this runtime speaks alto protocol {PROTOCOL_VERSION}, the peer "
+                            f"{version!r}: run the same alto version on both sides"
+                        )
                     )
                     return
                 role = body.get("role")
