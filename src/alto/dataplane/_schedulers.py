@@ -552,8 +552,9 @@ class PromptCost(Scheduler):
     mean. Instances added receive new keys and overflow first; the model of a removed
     instance is dropped.
 
-    Cost per frame: one dict lookup per instance (the scan least-outstanding does, plus a
-    set membership test each: about 0.3 µs at four instances) and an O(1) LRU update.
+    Cost per frame: one load lookup and one membership test per instance, and an O(1) LRU
+    update: 0.95 µs per call at four instances on this machine (least-outstanding 0.46 µs,
+    prompt-affinity 0.79 µs; a ``timeit`` of ``choose`` with equal loads).
 
     Options:
         miss_cost: the prefill delay of a miss, in queued frames, 0..10000 (0 is
