@@ -1,5 +1,7 @@
 // alto dashboard: the pipeline as a graph of stages with their instances, live from
-// GET /api/stream (Server-Sent Events). No framework, no build step, works offline.
+// GET /api/stream (Server-Sent Events); recent and slowest requests with each one's
+// timeline (GET /api/requests, GET /api/requests/{id}); scale events. No framework, no
+// build step, works offline.
 (function () {
   "use strict";
 
@@ -17,6 +19,11 @@
     rateHistory: [],              // [[time, req/s]]
     latencyHistory: [],           // [[time, p50, p99]]
     layoutKey: "",
+    requestOrder: "recent",       // the request list: "recent" or "slowest"
+    selectedRequest: null,        // the request whose timeline is shown
+    timeline: null,               // its GET /api/requests/{id}
+    finishedSeen: -1,             // requests finished when the list was last loaded
+    requestsLoadedAt: 0,          // performance.now() of that load
   };
 
   const $ = (id) => document.getElementById(id);
@@ -76,7 +83,7 @@
 
   async function scaleStage(stage, delta) {
     const current = stageStats(stage);
-    if (!current) return;
+    if (!current || current.autoscale) return;
     const target = Math.max(1, current.target_instances + delta);
     const data = await command(`/api/stages/${encodeURIComponent(stage)}/scale`, { instances: target },
       (message) => showRefusal(stage, message));
@@ -278,6 +285,13 @@
       }));
     }
     if (stage.fanout) badges.push(el("span", { class: "badge", text: "fan-out" }));
+    if (stage.autoscale) {
+      badges.push(el("span", {
+        class: "badge autoscale",
+        title: `the runtime scales this stage between ${stage.autoscale.min} and ${stage.autoscale.max} instances by its queue depth ([stages.${stage.name}.autoscale]); manual scaling is refused`,
+        text: `autoscale ${stage.autoscale.min}–${stage.autoscale.max}`,
+      }));
+    }
     const scale = el("span", { class: "scale" }, [
       el("button", {
         type: "button", "data-action": "scale-down", title: "remove an instance",
@@ -864,10 +878,20 @@
       }
       const ready = instances.filter((i) => i.state === "ready").length;
       card.querySelector(".count").textContent = `${ready} / ${stage.target_instances}`;
-      card.querySelector("[data-action=scale-down]").disabled = stage.target_instances <= 1;
-      if (stage.max_instances) {
-        card.querySelector("[data-action=scale-up]").title =
-          `add an instance (at most ${stage.max_instances}: its max_instances)`;
+      const down = card.querySelector("[data-action=scale-down]");
+      const up = card.querySelector("[data-action=scale-up]");
+      card.classList.toggle("autoscaled", Boolean(stage.autoscale));
+      if (stage.autoscale) {
+        // The autoscaler owns the count: the buttons would only be refused (409).
+        const owned = `autoscaled between ${stage.autoscale.min} and ${stage.autoscale.max} instances`;
+        down.disabled = up.disabled = true;
+        down.title = up.title = owned;
+      } else {
+        down.disabled = stage.target_instances <= 1;
+        up.disabled = false;
+        down.title = "remove an instance";
+        up.title = stage.max_instances
+          ? `add an instance (at most ${stage.max_instances}: its max_instances)` : "add an instance";
       }
       card.querySelector(".stage-rate").textContent = `${fmt(stage.frames_per_s, 0)} frames/s`;
       const errors = card.querySelector(".errors-count");
@@ -893,6 +917,215 @@
       ? items.slice(0, 12).map(([when, msg]) =>
         el("li", {}, [el("span", { class: "when", text: when }), el("span", { class: "msg", text: msg })]))
       : [el("li", { class: "none", text: "No errors" })]));
+  }
+
+  // -- scale events ------------------------------------------------------------------
+
+  function ago(seconds) {
+    if (seconds < 60) return `${Math.round(seconds)} s ago`;
+    if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
+    return `${(seconds / 3600).toFixed(1)} h ago`;
+  }
+
+  function updateScaleLog(stats) {
+    const events = (stats.scale_log || []).slice().reverse();
+    $("scale-log").replaceChildren(...(events.length
+      ? events.slice(0, 12).map((e) => el("li", { "data-stage": e.stage }, [
+        el("span", { class: "when", text: ago(e.age_s) }),
+        el("b", { text: e.stage }),
+        el("span", { text: `${e.from_instances} → ${e.to_instances}` }),
+        el("span", { class: "by", "data-by": e.by, text: e.by }),
+        el("span", { class: "reason", text: e.reason }),
+      ]))
+      : [el("li", { class: "none", text: "No scale events" })]));
+  }
+
+  // -- requests and their timelines ----------------------------------------------------
+
+  function secs(seconds) {
+    if (seconds === null || seconds === undefined) return "–";
+    return seconds < 1 ? `${fmt(seconds * 1000, seconds < 0.1 ? 1 : 0)} ms` : `${fmt(seconds, 2)} s`;
+  }
+
+  async function loadRequests() {
+    state.requestsLoadedAt = performance.now();
+    let data;
+    try {
+      const response = await fetch(`/api/requests?order=${state.requestOrder}&limit=15`);
+      if (!response.ok) return;
+      data = await response.json();
+    } catch (_) {
+      return;                     // the stream's reconnecting says so already
+    }
+    if (data.order !== state.requestOrder) return;   // a tab switch overtook this answer
+    const rows = data.requests.map((r) => {
+      const row = el("tr", {
+        class: "req-row" + (r.request_id === state.selectedRequest ? " selected" : ""),
+        "data-request": String(r.request_id), tabindex: "0",
+        title: r.error || `request ${r.request_id}: ${r.results} results`,
+        onclick: () => selectRequest(r.request_id),
+        onkeydown: (event) => { if (event.key === "Enter") selectRequest(r.request_id); },
+      }, [
+        el("td", { text: `#${r.request_id}` }),
+        el("td", {}, [el("span", { class: "status", "data-status": r.status, text: r.status.replace("_", " ") })]),
+        el("td", { class: "num latency", text: secs(r.latency_s) }),
+        el("td", { class: "num first", text: secs(r.time_to_first_result_s) }),
+        el("td", { class: "num results", text: String(r.results) }),
+      ]);
+      return row;
+    });
+    $("req-rows").replaceChildren(...(rows.length ? rows
+      : [el("tr", { class: "none" }, [el("td", { colspan: "5", text: "No finished requests yet" })])]));
+  }
+
+  // The list follows the requests that finish, at most once a second.
+  function maybeLoadRequests(stats) {
+    const f = stats.finished;
+    if (!f) return;
+    const finished = f.done + f.failed + f.cancelled + f.timed_out;
+    if (finished === state.finishedSeen || performance.now() - state.requestsLoadedAt < 1000) return;
+    state.finishedSeen = finished;
+    loadRequests();
+  }
+
+  for (const tab of document.querySelectorAll(".tabs [data-order]")) {
+    tab.addEventListener("click", () => {
+      state.requestOrder = tab.dataset.order;
+      for (const other of document.querySelectorAll(".tabs [data-order]")) {
+        other.setAttribute("aria-selected", String(other === tab));
+      }
+      loadRequests();
+    });
+  }
+
+  async function selectRequest(id) {
+    state.selectedRequest = id;
+    for (const row of document.querySelectorAll("#req-rows .req-row")) {
+      row.classList.toggle("selected", Number(row.dataset.request) === id);
+    }
+    $("timeline-head").textContent = `request ${id}: loading…`;
+    let data;
+    try {
+      const response = await fetch(`/api/requests/${id}`);
+      data = await response.json();
+      if (!response.ok) {
+        $("timeline-head").textContent = `request ${id}: ${data.error || response.statusText}`;
+        return;
+      }
+    } catch (err) {
+      $("timeline-head").textContent = `request ${id}: ${err}`;
+      return;
+    }
+    if (state.selectedRequest !== id) return;
+    state.timeline = data;
+    drawTimeline();
+  }
+
+  const STAGE_COLOURS = ["#3563e9", "#e07b18", "#1f9d60", "#c2334a", "#8a4bd6", "#0f8ea3", "#a67c00", "#5c6b84"];
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function svg(tag, attrs, children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "text") node.textContent = value;
+      else node.setAttribute(key, value);
+    }
+    for (const child of children || []) node.append(child);
+    return node;
+  }
+
+  function niceStep(span, ticks) {
+    const raw = span / ticks, mag = 10 ** Math.floor(Math.log10(raw));
+    for (const m of [1, 2, 2.5, 5, 10]) if (m * mag >= raw) return m * mag;
+    return 10 * mag;
+  }
+
+  // The request the way the paper's Figure 2 draws it: a row per stage it visited, each
+  // partial output a box at the moment the runtime relayed it out of the stage (outlined
+  // when it went to the client), each input an instance processed a faint bar from its
+  // arrival to its end, and a dashed line where the request ended. Seconds since admission.
+  function drawTimeline() {
+    const data = state.timeline;
+    if (!data) return;
+    const box = $("timeline");
+    const trace = data.trace;
+    const end = data.latency_s ?? data.elapsed_s ?? null;
+    const head = [el("b", { text: `request ${data.request_id}` }), document.createTextNode(
+      `: ${String(data.state).replace("_", " ")}` +
+      (end !== null ? ` after ${secs(end)}` : "") +
+      (data.results !== undefined ? ` · ${data.results} results` : "") +
+      (data.time_to_first_result_s !== null && data.time_to_first_result_s !== undefined
+        ? ` · first after ${secs(data.time_to_first_result_s)}` : "") +
+      (trace ? ` · trace ${trace.trace_id}` : "") +
+      (data.error ? ` · ${data.error}` : ""))];
+    $("timeline-head").replaceChildren(...head);
+    $("timeline-legend").hidden = !trace;
+    if (!trace) {
+      box.replaceChildren(el("p", { class: "none", text:
+        "Not traced: the runtime samples [runtime] trace_sample_rate of the requests (or the caller's traceparent said not to)." }));
+      return;
+    }
+    const order = state.pipeline ? state.pipeline.stages.map((s) => s.name) : [];
+    const visited = new Set(trace.spans.map((s) => s.stage));
+    for (const h of trace.hops) if (h.from !== "ingress" && h.from !== "runtime") visited.add(h.from);
+    const stages = [...order.filter((n) => visited.has(n)), ...[...visited].filter((n) => !order.includes(n))];
+    let tmax = end || 0;
+    for (const h of trace.hops) tmax = Math.max(tmax, h.t);
+    for (const s of trace.spans) tmax = Math.max(tmax, s.ended || 0);
+    tmax = Math.max(tmax, 0.001) * 1.03;
+    const width = Math.max(320, box.clientWidth);
+    const left = 96, right = 14, top = 6, rowH = 30, axis = 22;
+    const height = top + stages.length * rowH + axis;
+    const x = (t) => left + (t / tmax) * (width - left - right);
+    const parts = [];
+    const step = niceStep(tmax, Math.max(2, Math.floor((width - left) / 90)));
+    for (let t = 0; t <= tmax + 1e-9; t += step) {
+      parts.push(svg("line", { class: "tl-grid", x1: x(t), x2: x(t), y1: top, y2: top + stages.length * rowH }));
+      parts.push(svg("text", { class: "tl-tick", x: x(t), y: height - 6, "text-anchor": "middle",
+        text: step < 1 ? `${Math.round(t * 1000)} ms` : `${+t.toFixed(2)} s` }));
+    }
+    stages.forEach((stage, i) => {
+      const y = top + i * rowH;
+      const colour = STAGE_COLOURS[Math.max(0, order.indexOf(stage)) % STAGE_COLOURS.length];
+      const row = svg("g", { class: "tl-row", "data-stage": stage });
+      if (i % 2) row.append(svg("rect", { class: "tl-stripe", x: left, y, width: width - left - right, height: rowH }));
+      row.append(svg("text", { class: "tl-label", x: left - 8, y: y + rowH / 2 + 4, "text-anchor": "end", text: stage }));
+      for (const s of trace.spans) {
+        if (s.stage !== stage || s.received === undefined) continue;
+        const x0 = x(s.received), x1 = x(s.ended ?? s.received);
+        row.append(svg("rect", {
+          class: "tl-span", x: x0, y: y + 5, width: Math.max(1.5, x1 - x0), height: rowH - 10,
+          fill: colour, "fill-opacity": 0.16,
+        }, [svg("title", { text:
+          `${stage} #${s.instance} ${JSON.stringify(s.key_path)} ${s.kind || "process"}: ` +
+          `arrived ${secs(s.received)}, waited ${secs((s.started ?? s.received) - s.received)}, ` +
+          `processed ${secs((s.ended ?? s.started) - (s.started ?? s.received))}, ${s.outputs ?? 0} outputs` +
+          (s.attributes && s.attributes["gen_ai.usage.output_tokens"] !== undefined
+            ? `, ${s.attributes["gen_ai.usage.output_tokens"]} tokens` : "") }) ]));
+      }
+      for (const h of trace.hops) {
+        if (h.from !== stage) continue;
+        const result = h.to === "sink";
+        row.append(svg("rect", {
+          class: "tl-box" + (result ? " result" : ""), x: x(h.t) - 3.5, y: y + rowH / 2 - 3.5,
+          width: 7, height: 7, fill: colour,
+        }, [svg("title", { text: `${h.queue} → ${h.to} at ${secs(h.t)} ${JSON.stringify(h.key_path)}` })]));
+      }
+      parts.push(row);
+    });
+    if (data.time_to_first_result_s !== null && data.time_to_first_result_s !== undefined) {
+      const fx = x(data.time_to_first_result_s);
+      parts.push(svg("line", { class: "tl-first", x1: fx, x2: fx, y1: top, y2: top + stages.length * rowH },
+        [svg("title", { text: `first result at ${secs(data.time_to_first_result_s)}` })]));
+    }
+    if (end !== null) {
+      const ex = x(end);
+      parts.push(svg("line", { class: "tl-end", x1: ex, x2: ex, y1: top - 2, y2: top + stages.length * rowH + 2 }));
+      parts.push(svg("text", { class: "tl-end-label", x: ex - 4, y: top + 10, "text-anchor": "end",
+        text: `${String(data.state).replace("_", " ")} ${secs(end)}` }));
+    }
+    box.replaceChildren(svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`,
+      role: "img", "aria-label": `timeline of request ${data.request_id}` }, parts));
   }
 
   function onStats(stats) {
@@ -930,16 +1163,24 @@
     $("in-flight").textContent = String(stats.requests.in_flight);
     $("in-flight-max").textContent = `of ${stats.requests.max_in_flight}`;
     const r = stats.requests;
+    const f = stats.finished || { cancelled: 0, timed_out: 0 };
     $("counts").replaceChildren(
       document.createTextNode(`${r.completed} done`),
       el("br"),
       el("span", { class: r.failed ? "bad" : "", text: `${r.failed} failed` }),
       document.createTextNode(" · "),
       el("span", { class: r.refused ? "bad" : "", text: `${r.refused} refused` }),
+      ...(f.cancelled || f.timed_out ? [
+        el("br"),
+        el("span", { title: "timed-out requests are among the failed ones", text:
+          `${f.timed_out} timed out · ${f.cancelled} cancelled` }),
+      ] : []),
     );
 
     if (state.pipeline) updateInstances(stats);
     updateErrors(stats);
+    updateScaleLog(stats);
+    maybeLoadRequests(stats);
     lineChart($("chart-rate"), state.rateHistory, now,
       [{ index: 1, color: "#3563e9" }], (v) => fmt(v, v < 10 ? 1 : 0));
     lineChart($("chart-latency"), state.latencyHistory, now,
@@ -973,6 +1214,10 @@
   // A new width (the window's, or a scrollbar's coming and going) lays the graph out
   // anew; a new height is the graph's own doing (drawEdges already ran).
   const relayout = () => {
+    if (state.timeline && $("timeline").firstChild &&
+        $("timeline").firstChild.getAttribute("width") !== String(Math.max(320, $("timeline").clientWidth))) {
+      drawTimeline();
+    }
     if (!state.pipeline || (state.layout && state.layout.avail === $("graph").clientWidth)) return;
     layoutGraph();
     drawEdges();

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -824,3 +825,328 @@ def test_stream_interval_bounds(value: float) -> None:
         ValueError, match=r"stream_interval must be a number of seconds in \(0, 60\]"
     ):
         create_app(FakeRuntime(), stream_interval=value)
+
+
+# -- cancellation, deadlines, trace context ------------------------------------------------
+
+
+async def test_cancel_a_running_request(server: Server) -> None:
+    server.fake.step_delay = 30  # the request would take minutes
+    events: list[tuple[str, dict[str, Any]]] = []
+    with trio.fail_after(5):
+        async with aconnect_sse(
+            server.client, "POST", REQUESTS, json={"text": "slow words"}, headers=AUTH
+        ) as source:
+            rid = int(source.response.headers["x-request-id"])
+            async for event in source.aiter_sse():
+                events.append((event.event, json.loads(event.data)))
+                if event.event == "accepted":
+                    # The mutating endpoint needs the token, as every other one.
+                    assert (await server.client.delete(f"/v1/requests/{rid}")).status_code == 401
+                    response = await server.client.delete(f"/v1/requests/{rid}", headers=AUTH)
+                    assert response.status_code == 202, response.text
+                    assert response.json() == {"request_id": rid, "state": "cancelled"}
+    # The client's stream ended with the cancellation, explicitly.
+    assert [kind for kind, _ in events] == ["accepted", "error"]
+    assert events[1][1] == {"request_id": rid, "message": "cancelled through the control plane"}
+    assert server.fake.cancelled == 1 and server.fake.in_flight == 0
+    again = await server.client.delete(f"/v1/requests/{rid}", headers=AUTH)
+    assert again.status_code == 404
+    assert _error_of(again) == f"no running request {rid}: already ended (cancelled)"
+    unknown = await server.client.delete("/v1/requests/999", headers=AUTH)
+    assert unknown.status_code == 404 and "unknown" in _error_of(unknown)
+    instances = (await server.client.get("/api/instances")).json()["instances"]
+    assert all(i["queue_depth"] == 0 and i["open_groups"] == 0 for i in instances)
+
+
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [({"timeout": "0.05"}, {}), ({}, {"X-Alto-Timeout": "0.05"})],
+    ids=["query", "header"],
+)
+async def test_a_deadline_ends_the_stream_with_an_error(
+    server: Server, params: dict[str, str], headers: dict[str, str]
+) -> None:
+    server.fake.step_delay = 0.02  # three words through three stages: 0.18 s
+    with trio.fail_after(5):
+        async with aconnect_sse(
+            server.client,
+            "POST",
+            REQUESTS,
+            params=params,
+            json={"text": "a bb ccc"},
+            headers={**AUTH, **headers},
+        ) as source:
+            events = [(e.event, json.loads(e.data)) async for e in source.aiter_sse()]
+    assert events[0][0] == "accepted" and events[-1][0] == "error"
+    assert events[-1][1]["message"].startswith("deadline exceeded")
+    assert server.fake.timed_out == 1 and server.fake.in_flight == 0
+    # A deadline long enough changes nothing.
+    response = await server.client.post(
+        REQUESTS,
+        params={**{k: "30" for k in params}, "stream": "false"},
+        json={"text": "a"},
+        headers={**AUTH, **{k: "30" for k in headers}},
+    )
+    assert response.json()["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "message"),
+    [
+        ({"timeout": "0"}, {}, r"timeout: timeout must be in \(0, 86400\] seconds, got 0.0"),
+        ({"timeout": "-1"}, {}, "timeout must be a number of seconds, got '-1'"),
+        ({"timeout": "86401"}, {}, r"must be in \(0, 86400\]"),
+        ({"timeout": "nan"}, {}, "must be a number of seconds"),
+        ({"timeout": "1e999"}, {}, r"must be in \(0, 86400\]"),
+        ({"timeout": "1_000"}, {}, "must be a number of seconds"),
+        ({"timeout": ["1", "2"]}, {}, "given 2 times"),
+        ({}, {"X-Alto-Timeout": "soon"}, "X-Alto-Timeout: timeout must be a number"),
+        ({"timeout": "1"}, {"X-Alto-Timeout": "1"}, "not both"),
+        ({}, {"traceparent": "00-abc-def-01"}, "malformed traceparent header '00-abc-def-01'"),
+        (
+            {},
+            {"traceparent": "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01"},
+            "lowercase hex",
+        ),
+        ({}, {"traceparent": f"00-{'0' * 32}-00f067aa0ba902b7-01"}, "invalid traceparent"),
+        ({}, {"traceparent": f"ff-{'a' * 32}-00f067aa0ba902b7-01"}, "invalid traceparent"),
+    ],
+)
+async def test_bad_deadlines_and_trace_contexts_are_400s(
+    server: Server, params: dict[str, Any], headers: dict[str, str], message: str
+) -> None:
+    response = await server.client.post(
+        REQUESTS, params=params, json={"text": "a"}, headers={**AUTH, **headers}
+    )
+    assert response.status_code == 400
+    assert re.search(message, _error_of(response)), _error_of(response)
+    assert server.fake.submitted == 0
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+async def test_traceparent_is_continued_and_answered(server: Server) -> None:
+    response = await server.client.post(
+        REQUESTS,
+        params={"stream": "false"},
+        json={"text": "a bb"},
+        headers={**AUTH, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
+    )
+    assert response.status_code == 200 and response.json()["status"] == "done"
+    rid = int(response.headers["x-request-id"])
+    assert response.headers["traceparent"] == f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+    timeline = (await server.client.get(f"/api/requests/{rid}")).json()
+    assert timeline["trace"]["trace_id"] == TRACE_ID
+    assert timeline["trace"]["parent_span_id"] == CALLER_SPAN
+
+    # Without a traceparent the request starts its own trace (sampled: rate 1.0).
+    with trio.fail_after(5):
+        async with aconnect_sse(
+            server.client, "POST", REQUESTS, json={"text": "a"}, headers=AUTH
+        ) as source:
+            answer = source.response.headers["traceparent"]
+            rid = int(source.response.headers["x-request-id"])
+            [e async for e in source.aiter_sse()]
+    version, trace_id, span, flags = answer.split("-")
+    assert (version, flags) == ("00", "01") and len(span) == 16
+    timeline = (await server.client.get(f"/api/requests/{rid}")).json()
+    assert timeline["trace"]["trace_id"] == trace_id
+
+    # A caller that does not sample: no trace, no traceparent in the answer.
+    response = await server.client.post(
+        REQUESTS,
+        params={"stream": "false"},
+        json={"text": "a"},
+        headers={**AUTH, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-00"},
+    )
+    assert "traceparent" not in response.headers
+    rid = int(response.headers["x-request-id"])
+    assert (await server.client.get(f"/api/requests/{rid}")).json()["trace"] is None
+
+
+# -- recent and slowest requests, timelines --------------------------------------------
+
+
+async def test_recent_and_slowest_requests(server: Server) -> None:
+    server.fake.step_delay = 0.01
+    texts = ["a", "a bb ccc dddd", "a bb"]  # 3, 12 and 6 steps of 10 ms
+    for text in texts:
+        response = await server.client.post(
+            REQUESTS, params={"stream": "false"}, json={"text": text}, headers=AUTH
+        )
+        assert response.json()["status"] == "done"
+    failed = await server.client.post(
+        REQUESTS, params={"stream": "false"}, json={"text": "x", "fail": True}, headers=AUTH
+    )
+    assert failed.json()["status"] == "error"
+    recent = (await server.client.get("/api/requests")).json()
+    assert recent["order"] == "recent"
+    assert [r["request_id"] for r in recent["requests"]] == [4, 3, 2, 1]
+    newest = recent["requests"][0]
+    assert newest["status"] == "failed" and "stage 'score'" in newest["error"]
+    assert newest["time_to_first_result_s"] is None and newest["results"] == 0
+    done = recent["requests"][1]
+    assert done["status"] == "done" and done["results"] == 2 and done["traced"] is True
+    assert 0 < done["time_to_first_result_s"] <= done["latency_s"] and done["age_s"] >= 0
+    slowest = (await server.client.get("/api/requests", params={"order": "slowest"})).json()
+    assert [r["request_id"] for r in slowest["requests"]][:3] == [2, 3, 1]
+    latencies = [r["latency_s"] for r in slowest["requests"]]
+    assert latencies == sorted(latencies, reverse=True)
+    two = (await server.client.get("/api/requests", params={"limit": "2"})).json()
+    assert [r["request_id"] for r in two["requests"]] == [4, 3]
+    for params, message in (
+        ({"order": "fastest"}, "order must be one of recent, slowest"),
+        ({"order": ""}, "order must be one of recent, slowest"),
+        ({"limit": "0"}, r"limit must be an integer in 1\.\.1000"),
+        ({"limit": "1001"}, r"limit must be an integer in 1\.\.1000"),
+        ({"limit": "ten"}, r"limit must be an integer in 1\.\.1000"),
+    ):
+        response = await server.client.get("/api/requests", params=params)
+        assert response.status_code == 400
+        assert re.search(message, _error_of(response))
+
+
+async def test_a_request_timeline(server: Server) -> None:
+    response = await server.client.post(
+        REQUESTS, params={"stream": "false"}, json={"text": "a bb"}, headers=AUTH
+    )
+    rid = response.json()["request_id"]
+    timeline = (await server.client.get(f"/api/requests/{rid}")).json()
+    assert timeline["state"] == "done" and timeline["results"] == 2
+    trace = timeline["trace"]
+    spans = sorted((s["stage"], tuple(s["key_path"])) for s in trace["spans"])
+    # A span per input per stage: the fake's split takes the request once per word.
+    assert spans == sorted(
+        [("split", (rid,))] * 2 + [(st, (rid, i)) for st in ("score", "sum") for i in (0, 1)]
+    )
+    hops = [(h["from"], h["queue"], h["to"]) for h in trace["hops"]]
+    assert hops[0] == ("ingress", "input", "split")
+    assert hops.count(("sum", "total", "sink")) == 2
+    unknown = await server.client.get("/api/requests/12345")
+    assert unknown.status_code == 404 and "unknown request 12345" in _error_of(unknown)
+    assert (await server.client.get("/api/requests/-1")).status_code == 404
+
+    # A running request: its state so far.
+    server.fake.step_delay = 30
+    with trio.fail_after(5):
+        async with aconnect_sse(
+            server.client, "POST", REQUESTS, json={"text": "slow"}, headers=AUTH
+        ) as source:
+            rid = int(source.response.headers["x-request-id"])
+            running = (await server.client.get(f"/api/requests/{rid}")).json()
+    assert running["state"] == "running" and running["results"] == 0
+    assert running["elapsed_s"] >= 0 and running["deadline_in_s"] is None
+
+
+# -- autoscaling, scale log, gauges ----------------------------------------------------------
+
+
+async def test_scale_log_and_autoscale_ranges_are_shown(server: Server) -> None:
+    server.fake.autoscale["score"] = (1, 3)
+    server.fake.log_scale("score", 3, "autoscaler", "queue depth 13 > 4 per instance for 2 s")
+    response = await server.client.post(
+        "/api/stages/score/scale", json={"instances": 2}, headers=AUTH
+    )
+    assert response.status_code == 409
+    assert _error_of(response).startswith("stage 'score' is autoscaled between 1 and 3 instances")
+    response = await server.client.post(
+        "/api/stages/sum/scale", json={"instances": 2}, headers=AUTH
+    )
+    assert response.status_code == 200 and response.json()["autoscale"] is None
+    pipeline = (await server.client.get("/api/pipeline")).json()
+    stages = {s["name"]: s for s in pipeline["stages"]}
+    assert stages["score"]["autoscale"] == {"min": 1, "max": 3}
+    assert stages["split"]["autoscale"] is None
+    log = [
+        (e["stage"], e["from_instances"], e["to_instances"], e["by"]) for e in pipeline["scale_log"]
+    ]
+    assert log == [("score", 2, 3, "autoscaler"), ("sum", 1, 2, "operator")]
+    assert pipeline["scale_log"][0]["reason"] == "queue depth 13 > 4 per instance for 2 s"
+    assert pipeline["finished"] == {"done": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
+    with trio.fail_after(5):
+        async with aconnect_sse(server.client, "GET", "/api/stream") as source:
+            async for event in source.aiter_sse():
+                data = json.loads(event.data)
+                if len(data["scale_log"]) == 2:
+                    break
+    assert data["scale_log"][0]["reason"].startswith("queue depth 13")
+    assert {s["name"]: s["autoscale"] for s in data["stages"]}["score"] == {"min": 1, "max": 3}
+
+
+async def test_instances_carry_their_gauges(server: Server) -> None:
+    server.fake.step_delay = 0.01
+    await server.client.post(
+        REQUESTS, params={"stream": "false"}, json={"text": "a bb"}, headers=AUTH
+    )
+    instances = (await server.client.get("/api/instances")).json()["instances"]
+    gauges = {i["id"]: i["gauges"] for i in instances}
+    assert all(set(g) == {"busy_seconds"} for g in gauges.values())
+    assert gauges[4]["busy_seconds"] > 0  # the one sum instance worked on both words
+
+
+async def test_openapi_lists_the_request_endpoints(server: Server) -> None:
+    doc = (await server.client.get("/openapi.json")).json()
+    assert doc["paths"]["/v1/requests/{request_id}"]["delete"]["security"] == [{"bearer": []}]
+    assert set(doc["paths"]["/api/requests"]["get"]["responses"]) == {"200", "400"}
+    assert "/api/requests/{request_id}" in doc["paths"]
+    ingress = doc["paths"]["/v1/pipelines/{name}/requests"]["post"]
+    params = {(p["in"], p["name"]): p["schema"] for p in ingress["parameters"]}
+    assert params[("query", "timeout")]["maximum"] == 86400
+    assert params[("header", "X-Alto-Timeout")]["exclusiveMinimum"] == 0
+    assert "pattern" in params[("header", "traceparent")]
+    assert set(ingress["responses"]["200"]["headers"]) == {"X-Request-Id", "traceparent"}
+
+
+# -- CLI: trace and cancel ---------------------------------------------------------------
+
+
+async def test_cli_trace(server: Server) -> None:
+    await server.client.post(
+        REQUESTS, params={"stream": "false"}, json={"text": "a bb"}, headers=AUTH
+    )
+    code, out, err = await _cli(cli.trace, server.url, 1)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("request 1: done after ") and "2 results" in lines[0]
+    assert lines[1].startswith("trace ") and len(lines[1].split()[1]) == 32
+    for header in ("STAGE", "SPANS", "FIRST_OUT", "PROCESSING", "FROM"):
+        assert header in out
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] != []}
+    assert {"split", "score", "sum"} <= set(rows)
+    assert re.search(r"^ingress +input +split +1 ", out, re.M), out
+    assert re.search(r"^sum +total +sink +2 ", out, re.M), out
+    code, out, err = await _cli(cli.trace, server.url, 1, json_output=True)
+    assert code == 0 and json.loads(out)["trace"]["request_id"] == 1
+    code, _, err = await _cli(cli.trace, server.url, 99)
+    assert code == 1 and "unknown request 99" in err
+
+
+async def test_cli_cancel(server: Server) -> None:
+    server.fake.step_delay = 30
+    with trio.fail_after(5):
+        async with aconnect_sse(
+            server.client, "POST", REQUESTS, json={"text": "slow"}, headers=AUTH
+        ) as source:
+            rid = int(source.response.headers["x-request-id"])
+            code, out, err = await _cli(cli.cancel, server.url, rid, TOKEN)
+            assert code == 0, err
+            assert out == f"request {rid}: cancelled\n"
+            events = [e.event async for e in source.aiter_sse()]
+    assert events[-1] == "error"
+    code, _, err = await _cli(cli.cancel, server.url, rid, TOKEN)
+    assert code == 1 and "already ended (cancelled)" in err
+
+
+def test_render_trace_of_an_untraced_request() -> None:
+    text = cli.render_trace(
+        {"request_id": 7, "state": "timed_out", "latency_s": 2.0, "results": 1,
+         "time_to_first_result_s": 0.5, "error": "deadline exceeded", "trace": None}
+    )  # fmt: skip
+    assert text.splitlines() == [
+        "request 7: timed_out after 2.000 s, 1 result, the first after 0.500 s",
+        "error: deadline exceeded",
+        "not traced (not sampled: [runtime] trace_sample_rate, or an unsampled traceparent)",
+    ]

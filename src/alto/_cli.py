@@ -2,10 +2,12 @@
 
 alto serve PIPELINE.toml [--deploy DEPLOY.toml] [--tcp HOST:PORT] [--http HOST:PORT | --no-http] [--token T]
            [--launcher NAME] [--ray-address ADDR] [--tls-cert PEM --tls-key PEM] [--insecure-tcp]
+           [--otlp-endpoint URL | --trace-file PATH] [--sse-keepalive SECONDS]
 alto validate PIPELINE.toml [--deploy DEPLOY.toml]   (check both files and their imports; serve nothing)
-alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N]
+alto submit PIPELINE [JSON ...] [--file FILE.jsonl] [--concurrency N] [--timeout SECONDS]
 alto worker --pipeline PIPELINE.toml --stage NAME --connect HOST:PORT --token T [--tls-ca PEM]
-alto status [--json] | top [--json] | scale STAGE N | drain ID   (talk to the HTTP control plane)
+alto status [--json] | top [--json] | scale STAGE N | drain ID | trace ID [--json] | cancel ID
+     (talk to the HTTP control plane)
 alto --version
 
 Exit codes: 0 done; 1 a request failed or the server refused (HTTP error); 2 bad input, a
@@ -40,6 +42,7 @@ MAX_CONCURRENCY = 10_000  # requests one `alto submit` keeps in flight
 MAX_SQUAD = 1_000  # SQuAD questions one `alto submit --squad` sends
 MAX_ITERATIONS = 1_000_000  # `alto top` updates (four a second: about three days)
 MAX_INSTANCE_ID = (1 << 63) - 1
+MAX_REQUEST_ID = (1 << 63) - 1
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -57,6 +60,32 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _seconds_in(high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: seconds in ``(0, high]``, else an error naming the range."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a number of seconds in (0, {high:g}], not {text!r}"
+            ) from None
+        if not 0 < value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a number of seconds in (0, {high:g}], not {text}"
+            )
+        return value
+
+    return parse
+
+
+def _keepalive(text: str) -> float:
+    """An argparse type: ``--sse-keepalive`` seconds, within the control plane's bounds."""
+    from .control._stream import MAX_KEEPALIVE_S
+
+    return _seconds_in(MAX_KEEPALIVE_S, "--sse-keepalive")(text)
 
 
 def _pipeline_name(arg: str) -> str:
@@ -100,6 +129,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 tls_key=args.tls_key,
                 tls_ca=args.tls_ca,
                 insecure_tcp=args.insecure_tcp,
+                otlp_endpoint=args.otlp_endpoint,
+                trace_file=args.trace_file,
+                sse_keepalive=args.sse_keepalive,
             )
         )
     except (AltoError, BaseExceptionGroup) as exc:
@@ -262,7 +294,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 async with limiter:
                     t0 = trio.current_time()
                     try:
-                        async for r in client.submit(msg):
+                        async for r in client.submit(msg, timeout=args.timeout):
                             out = json_format.MessageToDict(r.message)
                             t = trio.current_time() - t0
                             if args.pretty:
@@ -348,6 +380,18 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return c.top(_http_url(args), args.token, args.iterations, json_output=args.json)
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .control import _cli as c
+
+    return c.trace(_http_url(args), args.request, args.token, json_output=args.json)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .control import _cli as c
+
+    return c.cancel(_http_url(args), args.request, args.token)
+
+
 class _Parser(argparse.ArgumentParser):
     """A command-line mistake is one line, as every other error of ``alto`` is: what was
     wrong and what is allowed, and where the usage is (not the usage itself)."""
@@ -358,7 +402,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from ._config import MAX_INSTANCES
+    from ._config import MAX_INSTANCES, MAX_TIMEOUT_SECONDS
 
     p = _Parser(
         prog="alto", description="Serve compound AI pipelines with partial-output streaming."
@@ -409,6 +453,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow plain TCP (no TLS) on a non-loopback --tcp address",
     )
+    s.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export request traces over OTLP/HTTP to this collector, e.g. "
+        "http://127.0.0.1:4318 (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else none)",
+    )
+    s.add_argument(
+        "--trace-file",
+        metavar="PATH",
+        help="append request traces to this file, one OpenTelemetry span per line as JSON "
+        "(default: ALTO_TRACE_FILE, else none)",
+    )
+    s.add_argument(
+        "--sse-keepalive",
+        type=_keepalive,
+        default=None,
+        metavar="SECONDS",
+        # The numbers are alto.control._stream's DEFAULT_KEEPALIVE_S and MAX_KEEPALIVE_S,
+        # written out: importing the control plane here would slow every command.
+        help="SSE streams send a comment after this many silent seconds, for proxies with "
+        "idle timeouts (default 15, at most 600)",
+    )
     s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser(
@@ -438,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(1, MAX_CONCURRENCY),
         default=16,
         help="requests in flight at once (default 16)",
+    )
+    s.add_argument(
+        "--timeout",
+        type=_seconds_in(MAX_TIMEOUT_SECONDS, "--timeout"),
+        default=None,
+        metavar="SECONDS",
+        help="each request's deadline: past it the request fails with 'deadline exceeded' "
+        "and its work is cancelled (default: the deployment's [runtime] request_timeout)",
     )
     s.add_argument("--address", help="unix:/path or HOST:PORT (default: the discovery file)")
     s.add_argument("--token", default=None)
@@ -490,6 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url")
     s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
     s.set_defaults(fn=_cmd_drain)
+    s = sub.add_parser(
+        "trace",
+        help="a request's timeline: its stages and spans, the partial outputs relayed, LM usage",
+    )
+    s.add_argument("request", type=_int_in(0, MAX_REQUEST_ID), help="the request's id")
+    s.add_argument("--url", help=f"control plane URL (default ALTO_URL or http://{DEFAULT_HTTP})")
+    s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
+    s.add_argument("--json", action="store_true", help="the raw timeline as one line of JSON")
+    s.set_defaults(fn=_cmd_trace)
+    s = sub.add_parser("cancel", help="cancel a running request")
+    s.add_argument("request", type=_int_in(0, MAX_REQUEST_ID), help="the request's id")
+    s.add_argument("--url", help=f"control plane URL (default ALTO_URL or http://{DEFAULT_HTTP})")
+    s.add_argument("--token", default=os.environ.get("ALTO_TOKEN"))
+    s.set_defaults(fn=_cmd_cancel)
     return p
 
 

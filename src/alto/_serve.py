@@ -19,6 +19,11 @@ TCP off loopback: a token is required, and the connections must be TLS (``--tls-
 and ``--tls-key``, or ``[tls]`` in the deployment file) unless ``--insecure-tcp`` says
 that plain TCP is wanted (logged as a warning): the token and every payload would cross
 the network in the clear.
+
+Request traces leave the process only when asked: ``--otlp-endpoint URL`` (OTLP/HTTP) or
+``--trace-file PATH`` (JSON lines), or the environment variables
+:func:`alto.dataplane._otel.exporter_from_options` reads. The exporter is flushed and shut
+down when serving ends.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from ._config import (
 )
 from ._errors import ConfigError
 from .dataplane._launcher import LaunchContext, LauncherClass, check_options, load_launcher
+from .dataplane._otel import OTelExport, exporter_from_options
 from .dataplane._runtime import Runtime
 from .dataplane._tls import server_context
 
@@ -166,6 +172,9 @@ async def serve(
     tls_key: str | None = None,
     tls_ca: str | None = None,
     insecure_tcp: bool = False,
+    otlp_endpoint: str | None = None,
+    trace_file: str | Path | None = None,
+    sse_keepalive: float | None = None,
     task_status: trio.TaskStatus[ServeInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a pipeline until cancelled (or until Ctrl-C / SIGTERM).
@@ -175,10 +184,12 @@ async def serve(
     ``tls_cert``/``tls_key`` (default: the deployment's ``[tls]``) make the TCP listener
     speak TLS; ``tls_ca`` is the PEM file that the instances a launcher starts trust
     (default: the certificate itself, pinned). ``insecure_tcp`` allows plain TCP off
-    loopback.
+    loopback. ``otlp_endpoint`` (an http(s) URL) or ``trace_file`` export the traces of
+    sampled requests (default: what the environment says, else nothing);
+    ``sse_keepalive`` is the control plane's SSE keepalive interval in seconds.
 
-    Raises ConfigError for bad files, addresses or launcher options, PluginError for an
-    unknown or broken launcher, AltoError when instances fail to start.
+    Raises ConfigError for bad files, addresses, launcher or trace options, PluginError for
+    an unknown or broken launcher, AltoError when instances fail to start.
     """
     pipeline = load_pipeline(pipeline_path)
     deployment = load_deployment(deploy_path, pipeline)
@@ -237,7 +248,9 @@ async def serve(
             "cross the network unencrypted",
             tcp,
         )
-    launch = _Launch(launcher_name, launcher_cls, options, ssl_context, tls_ca_pem)
+    keepalive = _check_keepalive(sse_keepalive)
+    launch = _Launch(launcher_name, launcher_cls, options, ssl_context, tls_ca_pem, keepalive)
+    exporter = _trace_exporter(otlp_endpoint, trace_file)
     token = user_token or secrets.token_urlsafe(24)
     sockdir = Path(tempfile.mkdtemp(prefix="alto-"))  # mkdtemp creates it with mode 0700
     sock_path = str(sockdir / "runtime.sock")
@@ -271,9 +284,12 @@ async def serve(
                         disc,
                         task_status,
                         launch,
+                        exporter,
                     )
                 outer.cancel_scope.cancel()
     finally:
+        if exporter is not None:
+            await _shutdown_exporter(exporter)
         shutil.rmtree(sockdir, ignore_errors=True)
         if write_discovery:
             try:
@@ -293,6 +309,53 @@ class _Launch:
     options: dict[str, Any]
     ssl_context: ssl.SSLContext | None
     tls_ca_pem: str | None  # what launched instances trust
+    sse_keepalive: float | None  # the control plane's; None: its default
+
+
+def _check_keepalive(seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    from .control._stream import check_keepalive
+
+    try:
+        return check_keepalive(seconds)
+    except ValueError as exc:
+        raise ConfigError("<command line>", "--sse-keepalive", str(exc)) from exc
+
+
+def _trace_exporter(otlp_endpoint: str | None, trace_file: str | Path | None) -> OTelExport | None:
+    """The exporter of finished traces, or None; a bad endpoint or an unwritable file is a
+    ConfigError naming the flag, before anything starts."""
+    if otlp_endpoint is not None and trace_file is not None:
+        raise ConfigError(
+            "<command line>", "--trace-file", "give --otlp-endpoint or --trace-file, not both"
+        )
+    if otlp_endpoint is not None and not (
+        otlp_endpoint.startswith(("http://", "https://")) and len(otlp_endpoint) > 8
+    ):
+        raise ConfigError(
+            "<command line>",
+            "--otlp-endpoint",
+            f"expected an http:// or https:// URL of an OTLP/HTTP collector, e.g. "
+            f"http://127.0.0.1:4318, got {otlp_endpoint!r}",
+        )
+    try:
+        return exporter_from_options(otlp_endpoint, str(trace_file) if trace_file else None)
+    except OSError as exc:
+        raise ConfigError(
+            "<command line>", "--trace-file", f"cannot append to {exc.filename}: {exc.strerror}"
+        ) from exc
+
+
+async def _shutdown_exporter(exporter: OTelExport) -> None:
+    """Flush and stop the exporter, in a thread: an OTLP collector that does not answer
+    may hold it for its export timeout. Bounded, and shielded: serving is ending because
+    it was cancelled."""
+    with trio.move_on_after(15) as scope:
+        scope.shield = True
+        await trio.to_thread.run_sync(exporter.shutdown, abandon_on_cancel=True)
+    if scope.cancelled_caught:
+        log.warning("the trace exporter did not shut down within 15 s; traces may be lost")
 
 
 async def _serve(
@@ -309,6 +372,7 @@ async def _serve(
     disc: Path,
     task_status: trio.TaskStatus[ServeInfo],
     launch: _Launch,
+    exporter: OTelExport | None,
 ) -> None:
     with contextlib.ExitStack() as stack:
         # Bound first: a port in use ends start-up before anything is spawned. Closed on
@@ -338,7 +402,7 @@ async def _serve(
             tcp_address = f"{host}:{t.getsockname()[1]}"
 
         async with trio.open_nursery() as nursery:
-            runtime = Runtime(pipeline, deployment, token=token)
+            runtime = Runtime(pipeline, deployment, token=token, trace_exporter=exporter)
             try:
                 await nursery.start(
                     functools.partial(runtime.serve, listeners, ssl_context=launch.ssl_context)
@@ -359,10 +423,12 @@ async def _serve(
                 http_url = None
                 if http:
                     from .control import serve_control
+                    from .control._stream import DEFAULT_KEEPALIVE_S
 
                     host, _ = parse_hostport(http, "--http")
                     assert http_sock is not None
                     port = http_sock.getsockname()[1]
+                    keepalive = launch.sse_keepalive or DEFAULT_KEEPALIVE_S
                     bound = await nursery.start(
                         lambda task_status: serve_control(
                             runtime,
@@ -371,6 +437,7 @@ async def _serve(
                             token=user_token,
                             sock=http_sock,
                             task_status=task_status,
+                            sse_keepalive=keepalive,
                         )
                     )
                     http_url = f"http://{host}:{bound}"

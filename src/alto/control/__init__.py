@@ -1,6 +1,9 @@
-"""The HTTP control plane: status, live statistics, scaling, request ingress, metrics.
+"""The HTTP control plane: status, live statistics, scaling, request ingress, request
+timelines and cancellation, metrics.
 
-It sees the dataplane only through :class:`alto.dataplane._stats.RuntimeCommands`.
+It sees the dataplane only through :class:`alto.control._api.ControlRuntime` (the
+dataplane's :class:`~alto.dataplane._stats.RuntimeCommands` plus request outcomes,
+timelines and cancellation).
 Start it next to the runtime with ``await nursery.start(serve_control, runtime, host,
 port)``, or build the ASGI app alone with :func:`create_app`.
 """

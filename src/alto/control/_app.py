@@ -2,8 +2,8 @@
 
 It runs in the runtime's own process and nursery (``alto serve`` starts
 :func:`serve_control` next to the runtime) and sees the dataplane only through
-:class:`~alto.dataplane._stats.RuntimeCommands`: frozen ``statistics()`` snapshots to read,
-and ``scale``/``drain``/``submit`` to act.
+:class:`~alto.control._api.ControlRuntime`: frozen ``statistics()`` snapshots, request
+outcomes and timelines to read, and ``scale``/``drain``/``submit``/``cancel`` to act.
 
 Endpoints (``GET /openapi.json`` describes them):
 
@@ -13,7 +13,11 @@ Endpoints (``GET /openapi.json`` describes them):
   ``: keepalive`` comment after ``sse_keepalive`` seconds without an event.
 - ``POST /api/stages/{stage}/scale``, ``POST /api/instances/{id}/drain``: commands.
 - ``POST /v1/pipelines/{name}/requests``: request ingress, results streamed back as SSE
-  (or collected into one JSON answer with ``?stream=false``).
+  (or collected into one JSON answer with ``?stream=false``); a deadline (``?timeout=S``
+  or ``X-Alto-Timeout: S``) and a W3C ``traceparent`` header are optional.
+- ``DELETE /v1/requests/{id}``: cancel a running request.
+- ``GET /api/requests`` (recent or slowest finished requests), ``GET /api/requests/{id}``
+  (one request's timeline: its state and, when traced, every hop and span).
 - ``GET /metrics``: Prometheus text format.
 - ``GET /healthz``, ``GET /readyz``: liveness and readiness probes (see
   :mod:`alto.control._probes`); never behind the token.
@@ -36,6 +40,8 @@ import json
 import logging
 import math
 import os
+import re
+import secrets
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
@@ -61,17 +67,36 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .._errors import AltoError, OverloadedError, truncate_error
+from ..dataplane._runtime import check_timeout
 from ..dataplane._stats import (
     InstanceStatistics,
     RequestEvent,
-    RuntimeCommands,
+    RequestOutcome,
     RuntimeStatistics,
     StageStatistics,
 )
-from ._metrics import IngressStats, open_registry
-from ._openapi import JSON_MEDIA_TYPES, STREAM_FLAGS, openapi_document
+from ..dataplane._tracing import parse_traceparent
+from ._api import ControlRuntime
+from ._metrics import ControlStats, open_registry
+from ._openapi import (
+    JSON_MEDIA_TYPES,
+    MAX_REQUESTS_LISTED,
+    REQUEST_ORDERS,
+    STREAM_FLAGS,
+    TIMEOUT_HEADER,
+    openapi_document,
+)
 from ._probes import readiness
-from ._stream import DEFAULT_KEEPALIVE_S, KeepaliveBody, StatsHub, check_keepalive, stats_events
+from ._stream import (
+    DEFAULT_KEEPALIVE_S,
+    KeepaliveBody,
+    StatsHub,
+    autoscale_dict,
+    check_keepalive,
+    finished_dict,
+    scale_event_dict,
+    stats_events,
+)
 
 __all__ = ["DEFAULT_HTTP_PORT", "create_app", "default_dashboard_dir", "serve_control"]
 
@@ -148,6 +173,7 @@ def _stage_dict(stage: StageStatistics) -> dict[str, Any]:
         "max_instances": stage.max_instances,
         "frames_processed": stage.frames_processed,
         "errors": stage.errors,
+        "autoscale": autoscale_dict(stage.autoscale),
     }
 
 
@@ -205,10 +231,39 @@ def _pipeline_dict(stats: RuntimeStatistics) -> dict[str, Any]:
             "failed": stats.requests_failed,
             "refused": stats.requests_refused,
         },
+        "finished": finished_dict(stats),
         "frames_relayed": stats.frames_relayed,
         "scale_events": stats.scale_events,
+        "scale_log": [scale_event_dict(e, stats.time) for e in stats.scale_log],
         "max_instances": stats.max_instances,
     }
+
+
+def _outcome_dict(outcome: RequestOutcome, now: float) -> dict[str, Any]:
+    """A finished request as ``GET /api/requests`` lists it (times in seconds)."""
+    ttfr = outcome.time_to_first_result
+    return {
+        "request_id": outcome.request_id,
+        "status": outcome.status,
+        "latency_s": round(outcome.latency, 6),
+        "time_to_first_result_s": round(ttfr, 6) if ttfr is not None else None,
+        "results": outcome.results,
+        "error": outcome.error or None,
+        "traced": outcome.traced,
+        "age_s": round(max(0.0, now - outcome.finished_at), 3),
+    }
+
+
+def _timeline(raw: dict[str, Any]) -> dict[str, Any]:
+    """``Runtime.request_timeline``'s answer, with a ``state`` even for a request known
+    only by its trace (its outcome already forgotten)."""
+    body = dict(raw)
+    trace = body.get("trace")
+    if "state" not in body and isinstance(trace, dict):
+        body["state"] = trace.get("status", "unknown")
+        body.setdefault("latency_s", trace.get("latency_s"))
+    body.setdefault("state", "unknown")
+    return body
 
 
 def _check_json_media_type() -> None:
@@ -259,6 +314,95 @@ def _instance_count(body: Any) -> int:
     return count
 
 
+# What a deadline may look like as text: a plain decimal number (float() would also take
+# "1_000", " 5", "nan" and "inf").
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# W3C Trace Context, version 00: lowercase hex only (the standard's HEXDIGLC).
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _single_arg(name: str) -> str | None:
+    """A query parameter given at most once (twice is ambiguous: refused)."""
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise _Refusal(
+            400, f"the query parameter {name} is given {len(values)} times; give it once"
+        )
+    return values[0] if values else None
+
+
+def _timeout_option() -> float | None:
+    """The request's deadline in seconds from ``?timeout=`` or ``X-Alto-Timeout``, or None.
+    The runtime's rules bound it (``check_timeout``: more than 0, at most a day)."""
+    query = _single_arg("timeout")
+    headers = request.headers.getlist(TIMEOUT_HEADER)
+    if len(headers) > 1:
+        raise _Refusal(400, f"one {TIMEOUT_HEADER} header, not {len(headers)}")
+    header = headers[0] if headers else None
+    if query is not None and header is not None:
+        raise _Refusal(
+            400,
+            f"give the deadline once: the timeout query parameter or the {TIMEOUT_HEADER} "
+            "header, not both",
+        )
+    where, text = ("timeout", query) if query is not None else (TIMEOUT_HEADER, header)
+    if text is None:
+        return None
+    try:
+        if len(text) > 64 or not _SECONDS.fullmatch(text.strip()):
+            raise ValueError(f"timeout must be a number of seconds, got {text[:64]!r}")
+        return check_timeout(float(text))
+    except ValueError as exc:
+        raise _Refusal(400, f"{where}: {exc}") from exc
+
+
+def _traceparent_option() -> str | None:
+    """The W3C ``traceparent`` header, checked, or None when the request has none."""
+    values = request.headers.getlist("traceparent")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _Refusal(400, f"one traceparent header, not {len(values)}")
+    value = values[0].strip()
+    expected = (
+        "the W3C format is 00-<32 lowercase hex trace id>-<16 lowercase hex parent span id>-"
+        "<2 hex flags>, e.g. 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    )
+    if not _TRACEPARENT.fullmatch(value):
+        raise _Refusal(400, f"malformed traceparent header {value[:80]!r}: {expected}")
+    try:
+        parse_traceparent(value)
+    except ValueError as exc:
+        raise _Refusal(400, f"{exc}: {expected}, ids not all zeros") from exc
+    return value
+
+
+def _response_traceparent(
+    runtime: ControlRuntime, request_id: int, traceparent: str | None
+) -> str | None:
+    """The ``traceparent`` the ingress answers a traced request with: its trace id, and the
+    caller's span id when it sent one. (alto's own request span gets its id when the trace
+    is exported, after the request ends; without a caller's span a fresh id stands in.)"""
+    timeline = runtime.request_timeline(request_id)
+    trace = timeline.get("trace") if timeline is not None else None
+    if not isinstance(trace, dict) or not trace.get("trace_id"):
+        return None
+    span = traceparent.split("-")[2] if traceparent is not None else secrets.token_hex(8)
+    return f"00-{trace['trace_id']}-{span}-01"
+
+
+def _bounded_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter in ``low..high``; anything else is a 400 naming it."""
+    text = _single_arg(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 12) or not (
+        low <= int(text) <= high
+    ):
+        raise _Refusal(400, f"{name} must be an integer in {low}..{high}, not {text[:100]!r}")
+    return int(text)
+
+
 def _wants_stream() -> bool:
     flag = request.args.get("stream")
     if flag is not None:
@@ -279,10 +423,12 @@ async def _aclose(iterator: Any) -> None:
 
 
 class _RequestRun:
-    """One request through the ingress: times it and turns its events into JSON."""
+    """One request through the ingress: turns its events into JSON. (Its latency is
+    measured by the runtime's request observer, as every door's is: not here, so it
+    counts once.)"""
 
     def __init__(
-        self, ingress: IngressStats, decode: Callable[[str, bytes], dict[str, Any]]
+        self, ingress: ControlStats, decode: Callable[[str, bytes], dict[str, Any]]
     ) -> None:
         self.started = trio.current_time()
         self.request_id = 0
@@ -296,8 +442,6 @@ class _RequestRun:
             self.request_id = event.request_id
         rid = self.request_id
         if event.kind == "result":
-            if self.results == 0:
-                self._ingress.observe_first_result(now, now - self.started)
             self.results += 1
             return "result", {
                 "request_id": rid,
@@ -307,10 +451,8 @@ class _RequestRun:
             }
         if event.kind == "done":
             latency = now - self.started
-            self._ingress.observe_done(now, latency)
             return "done", {"request_id": rid, "results": self.results, "latency_s": latency}
         if event.kind == "error":
-            self._ingress.observe_error(now, rid, event.message)
             return "error", {"request_id": rid, "message": event.message}
         return event.kind, {"request_id": rid}
 
@@ -332,6 +474,8 @@ class _RequestRun:
             message = f"result stream failed: {type(exc).__name__}: {exc}"
         else:
             message = "the runtime ended the result stream without done or error"
+        # The runtime never saw this error: it goes to the recent errors from here.
+        self._ingress.observe_error(trio.current_time(), self.request_id, message)
         yield self.render(RequestEvent("error", self.request_id, message=message))
 
 
@@ -466,7 +610,7 @@ class _ClosingBody:
 
 
 def create_app(
-    runtime: RuntimeCommands,
+    runtime: ControlRuntime,
     *,
     token: str | None = None,
     dashboard_dir: Path | None = None,
@@ -621,7 +765,9 @@ def create_app(
             raise _Refusal(404, f"unknown stage {stage!r}") from exc
         except (ValueError, AltoError) as exc:
             # Well-formed, but refused by the runtime's limits (the message names the
-            # limit) or its state (no launcher): a conflict, as draining a last instance is.
+            # limit), its state (no launcher) or its autoscaler (ScaleConflict, a
+            # ValueError naming the stage's autoscale range): a conflict, as draining a
+            # last instance is.
             raise _Refusal(409, str(exc)) from exc
         return _json_response(_stage_dict(find_stage(runtime.statistics(), stage)))
 
@@ -648,6 +794,8 @@ def create_app(
         if name != served:
             raise _Refusal(404, f"unknown pipeline {name!r}; this runtime serves {served!r}")
         streaming = _wants_stream()
+        timeout = _timeout_option()
+        traceparent = _traceparent_option()
         body = await _read_json()
         input_type = runtime.input_type()
         try:
@@ -666,7 +814,9 @@ def create_app(
 
         run = _RequestRun(ingress, decode)
         try:
-            source = runtime.submit(message.SerializeToString())
+            source = runtime.submit(
+                message.SerializeToString(), timeout=timeout, traceparent=traceparent
+            )
             first = await source.__anext__()
         except OverloadedError as exc:
             retry_after = max(1, math.ceil(exc.retry_after))
@@ -677,6 +827,13 @@ def create_app(
             first = RequestEvent("error", 0, message="the runtime ended the request at once")
             source = _empty()
 
+        answer_headers: dict[str, str] = {}
+        if first.request_id:
+            answer_headers["X-Request-Id"] = str(first.request_id)
+            traced = _response_traceparent(runtime, first.request_id, traceparent)
+            if traced is not None:
+                answer_headers["traceparent"] = traced
+
         if streaming:
 
             async def body_events() -> AsyncGenerator[bytes, None]:
@@ -684,9 +841,7 @@ def create_app(
                     async for kind, data in events:
                         yield _sse(kind, data)
 
-            headers = dict(_SSE_HEADERS)
-            if first.request_id:
-                headers["X-Request-Id"] = str(first.request_id)
+            headers = {**_SSE_HEADERS, **answer_headers}
             body = KeepaliveBody(_ClosingBody(body_events(), source), keepalive, app.nursery)
             response = Response(body, mimetype="text/event-stream", headers=headers)
             response.timeout = None  # results of a long pipeline may take minutes
@@ -708,7 +863,53 @@ def create_app(
             await _aclose(source)
         answer["request_id"] = run.request_id
         answer["results"] = results
-        return _json_response(answer)
+        return _json_response(answer, headers=answer_headers)
+
+    @app.delete("/v1/requests/<int:request_id>")
+    async def cancel(request_id: int) -> Response:
+        check_token()
+        if not runtime.cancel(request_id, "cancelled through the control plane"):
+            known = runtime.request_timeline(request_id)
+            if known is None:
+                why = "unknown (never admitted, or forgotten)"
+            else:
+                why = f"already ended ({_timeline(known)['state']})"
+            raise _Refusal(404, f"no running request {request_id}: {why}")
+        timeline = runtime.request_timeline(request_id)
+        state = _timeline(timeline)["state"] if timeline is not None else "cancelled"
+        return _json_response({"request_id": request_id, "state": state}, 202)
+
+    # -- requests: recent, slowest, timelines ----------------------------------------
+
+    @app.get("/api/requests")
+    async def requests() -> Response:
+        order = _single_arg("order")
+        if order is None:
+            order = REQUEST_ORDERS[0]
+        if order not in REQUEST_ORDERS:
+            raise _Refusal(
+                400, f"order must be one of {', '.join(REQUEST_ORDERS)}, not {order[:100]!r}"
+            )
+        limit = _bounded_int("limit", 50, 1, MAX_REQUESTS_LISTED)
+        if order == "slowest":
+            outcomes = runtime.slowest_requests(limit)
+        else:
+            outcomes = runtime.recent_requests(limit)
+        now = trio.current_time()
+        return _json_response(
+            {"order": order, "requests": [_outcome_dict(o, now) for o in outcomes[:limit]]}
+        )
+
+    @app.get("/api/requests/<int:request_id>")
+    async def request_timeline(request_id: int) -> Response:
+        timeline = runtime.request_timeline(request_id)
+        if timeline is None:
+            raise _Refusal(
+                404,
+                f"unknown request {request_id}: never admitted, or forgotten (the runtime "
+                "keeps the most recent and the slowest requests)",
+            )
+        return _json_response(_timeline(timeline))
 
     # -- dashboard ------------------------------------------------------------------
 
@@ -754,7 +955,7 @@ def _is_loopback(host: str) -> bool:
 
 
 async def serve_control(
-    runtime: RuntimeCommands,
+    runtime: ControlRuntime,
     host: str,
     port: int,
     *,

@@ -1,14 +1,15 @@
 """Command-line helpers that talk to a running control plane over HTTP.
 
-``alto status``, ``alto scale``, ``alto drain`` and ``alto top`` (dispatched from
-``alto._cli``) call these. Each returns the process exit code:
+``alto status``, ``alto scale``, ``alto drain``, ``alto top``, ``alto trace`` and ``alto
+cancel`` (dispatched from ``alto._cli``) call these. Each returns the process exit code:
 
 - 0: done;
 - 1: the server answered with an HTTP error (its ``{"error": ...}`` message is printed);
 - 2: no control plane answered at the URL (connection refused, timeout, broken stream).
 
-With ``json_output``, ``status`` prints the ``GET /api/pipeline`` object and ``top`` one
-``stats`` event per refresh, each as one line of JSON (JSON Lines: ``jq`` reads them).
+With ``json_output``, ``status`` prints the ``GET /api/pipeline`` object, ``top`` one
+``stats`` event per refresh and ``trace`` the ``GET /api/requests/{id}`` timeline, each as
+one line of JSON (JSON Lines: ``jq`` reads them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from typing import Any, TextIO
 import httpx
 from httpx_sse import connect_sse
 
-__all__ = ["EXIT_HTTP_ERROR", "EXIT_OK", "EXIT_UNREACHABLE", "drain", "scale", "status", "top"]
+__all__ = [
+    "EXIT_HTTP_ERROR",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "cancel",
+    "drain",
+    "render_trace",
+    "scale",
+    "status",
+    "top",
+    "trace",
+]
 
 EXIT_OK = 0
 EXIT_HTTP_ERROR = 1
@@ -324,3 +336,224 @@ def top(
         return _run(url, err, action)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def cancel(
+    url: str,
+    request_id: int,
+    token: str | None = None,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Cancel a running request (``DELETE /v1/requests/{id}``)."""
+    out = out if out is not None else sys.stdout
+
+    def action() -> None:
+        with httpx.Client(timeout=_TIMEOUT, headers=_headers(token)) as client:
+            response = client.delete(f"{_base(url)}/v1/requests/{request_id}")
+            _check(response)
+            data = response.json()
+        print(f"request {data['request_id']}: {data['state']}", file=out)
+
+    return _run(url, err, action)
+
+
+# Span rows `alto trace` prints before it says how many it left out (--json has all).
+MAX_SPAN_ROWS = 200
+
+
+def _s(seconds: Any) -> str:
+    """Seconds, to the millisecond; ``-`` when unknown."""
+    return "-" if not isinstance(seconds, (int, float)) else f"{seconds:.3f}"
+
+
+def _usage(attributes: Any) -> str:
+    if not isinstance(attributes, dict):
+        return ""
+    parts = []
+    for key, label in (("gen_ai.usage.input_tokens", "in"), ("gen_ai.usage.output_tokens", "out")):
+        if isinstance(attributes.get(key), int):
+            parts.append(f"{attributes[key]} {label}")
+    return " / ".join(parts)
+
+
+def render_trace(data: dict[str, Any]) -> str:
+    """``alto trace``'s text for a ``GET /api/requests/{id}`` timeline: the request's state
+    and timings, each stage's spans (when the input reached the instance, how long it
+    waited, processed, and when its first and last output left, all in seconds since the
+    request was admitted), the partial outputs that passed the runtime, and LM usage."""
+    state = data.get("state", "unknown")
+    rid = data.get("request_id")
+    head = f"request {rid}: {state}"
+    if state == "running":
+        head += f" for {_s(data.get('elapsed_s'))} s so far"
+        if data.get("deadline_in_s") is not None:
+            head += f" (deadline in {_s(data['deadline_in_s'])} s)"
+    elif data.get("latency_s") is not None:
+        head += f" after {_s(data['latency_s'])} s"
+    if data.get("results") is not None:
+        head += f", {data['results']} result{'s' if data['results'] != 1 else ''}"
+    if data.get("time_to_first_result_s") is not None:
+        head += f", the first after {_s(data['time_to_first_result_s'])} s"
+    lines = [head]
+    if data.get("error"):
+        lines.append(f"error: {data['error']}")
+    trace = data.get("trace")
+    if not isinstance(trace, dict):
+        lines.append(
+            "not traced (not sampled: [runtime] trace_sample_rate, or an unsampled traceparent)"
+        )
+        return "\n".join(lines)
+    parent = trace.get("parent_span_id")
+    lines.append(
+        f"trace {trace.get('trace_id')}"
+        + (f", continuing the caller's span {parent}" if parent else "")
+    )
+    spans = sorted(trace.get("spans") or [], key=lambda s: (s.get("received", 0), s["stage"]))
+    hops = trace.get("hops") or []
+
+    # Per stage, in the order inputs first reached it.
+    order: dict[str, None] = {}
+    for s in spans:
+        order.setdefault(s["stage"], None)
+    for h in hops:
+        if h.get("from") not in ("ingress", "runtime"):
+            order.setdefault(h["from"], None)
+    if order:
+        rows = []
+        for stage in order:
+            mine = [s for s in spans if s["stage"] == stage]
+            outs = [h["t"] for h in hops if h.get("from") == stage]
+            waits = [s["started"] - s["received"] for s in mine if "started" in s]
+            busy = [s["ended"] - s["started"] for s in mine if "ended" in s and "started" in s]
+            rows.append(
+                [
+                    stage,
+                    len(mine),
+                    len({s.get("instance") for s in mine}),
+                    _s(min((s["received"] for s in mine), default=None)),
+                    _s(max(waits, default=None)),
+                    _s(sum(busy) if busy else None),
+                    len(outs),
+                    _s(min(outs, default=None)),
+                    _s(max(outs, default=None)),
+                ]
+            )
+        lines += [
+            "",
+            "stages (seconds since admission; WAIT the longest queue wait, BUSY processing summed):",
+            _table(
+                [
+                    "STAGE",
+                    "SPANS",
+                    "INSTANCES",
+                    "FIRST_IN",
+                    "WAIT",
+                    "BUSY",
+                    "OUTPUTS",
+                    "FIRST_OUT",
+                    "LAST_OUT",
+                ],
+                rows,
+            ),
+        ]
+    if spans:
+        rows = [
+            [
+                s["stage"],
+                s.get("instance"),
+                json.dumps(s.get("key_path", []), separators=(",", ":")),
+                s.get("kind", "process"),
+                _s(s.get("received")),
+                _s(s["started"] - s["received"] if "started" in s and "received" in s else None),
+                _s(s["ended"] - s["started"] if "ended" in s and "started" in s else None),
+                _s(s.get("first_output")),
+                _s(s.get("last_output")),
+                s.get("outputs"),
+                s.get("status", ""),
+                _usage(s.get("attributes")),
+            ]
+            for s in spans[:MAX_SPAN_ROWS]
+        ]
+        lines += [
+            "",
+            "spans (one per input an instance processed):",
+            _table(
+                [
+                    "STAGE",
+                    "INSTANCE",
+                    "KEY_PATH",
+                    "KIND",
+                    "RECEIVED",
+                    "WAIT",
+                    "PROCESSING",
+                    "FIRST_OUT",
+                    "LAST_OUT",
+                    "OUTPUTS",
+                    "STATUS",
+                    "TOKENS",
+                ],
+                rows,
+            ),
+        ]
+        if len(spans) > MAX_SPAN_ROWS:
+            lines.append(f"... {len(spans) - MAX_SPAN_ROWS} more spans (--json shows all)")
+    if hops:
+        routes: dict[tuple[str, str, str], list[float]] = {}
+        for h in hops:
+            routes.setdefault((h["from"], h.get("queue") or "-", h["to"]), []).append(h["t"])
+        rows = [
+            [src, queue, dst, len(ts), _s(min(ts)), _s(max(ts))]
+            for (src, queue, dst), ts in sorted(routes.items(), key=lambda kv: min(kv[1]))
+        ]
+        lines += [
+            "",
+            f"hops ({len(hops)} partial outputs and group closes passed the runtime):",
+            _table(["FROM", "QUEUE", "TO", "COUNT", "FIRST", "LAST"], rows),
+        ]
+    usage: dict[str, dict[str, int]] = {}
+    for s in spans:
+        attributes = s.get("attributes")
+        if not isinstance(attributes, dict):
+            continue
+        for key, label in (
+            ("gen_ai.usage.input_tokens", "input"),
+            ("gen_ai.usage.output_tokens", "output"),
+        ):
+            if isinstance(attributes.get(key), int):
+                total = usage.setdefault(s["stage"], {"input": 0, "output": 0})
+                total[label] += attributes[key]
+    if usage:
+        lines += ["", "gen_ai usage (tokens):"]
+        lines += [
+            f"  {stage}: {u['input']} input, {u['output']} output" for stage, u in usage.items()
+        ]
+    if trace.get("dropped_events"):
+        lines.append(
+            f"({trace['dropped_events']} hops and spans past the trace's limit were not kept)"
+        )
+    return "\n".join(lines)
+
+
+def trace(
+    url: str,
+    request_id: int,
+    token: str | None = None,
+    *,
+    json_output: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Print a request's timeline (``GET /api/requests/{id}``) readably, or as one line
+    of JSON with ``json_output``."""
+    out = out if out is not None else sys.stdout
+
+    def action() -> None:
+        with httpx.Client(timeout=_TIMEOUT, headers=_headers(token)) as client:
+            response = client.get(f"{_base(url)}/api/requests/{request_id}")
+            _check(response)
+            data = response.json()
+        print(_json_line(data) if json_output else render_trace(data), file=out)
+
+    return _run(url, err, action)

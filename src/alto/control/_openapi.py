@@ -10,11 +10,13 @@ Status codes of refusals, the same on every endpoint:
 
 - 400: the request is malformed (not JSON, not the expected shape, not the input type);
 - 401: no bearer token, or the wrong one (only when the server has a token);
-- 404: no such stage, instance, pipeline, path or dashboard file;
+- 404: no such stage, instance, pipeline, request (or one that has already ended, for a
+  cancellation), path or dashboard file;
 - 405: a method the path does not take (``Allow`` lists those it does);
 - 409: well-formed, but the runtime's limits or state refuse it: past a stage's or the
   runtime's ``max_instances``, draining a stage's last instance, no launcher to start
-  instances with;
+  instances with, scaling a stage by hand that the autoscaler owns (the message names its
+  range);
 - 413: a body past 16 MiB, or an input too large for one frame;
 - 415: a body in a media type that is not JSON;
 - 429: past ``max_inflight_requests`` (``Retry-After`` says when to retry).
@@ -29,7 +31,14 @@ from google.protobuf.message import Message
 from ..dataplane._stats import RuntimeStatistics
 from ._jsonschema import message_schema
 
-__all__ = ["JSON_MEDIA_TYPES", "STREAM_FLAGS", "openapi_document"]
+__all__ = [
+    "JSON_MEDIA_TYPES",
+    "MAX_REQUESTS_LISTED",
+    "REQUEST_ORDERS",
+    "STREAM_FLAGS",
+    "TIMEOUT_HEADER",
+    "openapi_document",
+]
 
 # Media types a JSON body may be declared as. Besides JSON itself: what `curl -d` sends
 # (form-urlencoded) and what `fetch` sends for a string body (text/plain), so that the
@@ -38,6 +47,14 @@ JSON_MEDIA_TYPES = ("application/json", "application/x-www-form-urlencoded", "te
 
 # The values of the ingress's `stream` query parameter: three for true, three for false.
 STREAM_FLAGS = ("true", "1", "yes", "false", "0", "no")
+
+# The ingress's deadline as a header (the `timeout` query parameter says the same).
+TIMEOUT_HEADER = "X-Alto-Timeout"
+
+# GET /api/requests: the orders it lists requests in, and the most it lists at once (the
+# runtime remembers the last 1024 finished requests).
+REQUEST_ORDERS = ("recent", "slowest")
+MAX_REQUESTS_LISTED = 1000
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -124,7 +141,142 @@ _STAGE = {
         },
         "frames_processed": {"type": "integer"},
         "errors": {"type": "integer"},
+        "autoscale": {
+            "description": "the autoscaler's range, or null: the stage is scaled by hand only",
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["min", "max"],
+                    "properties": {
+                        "min": {"type": "integer", "minimum": 1},
+                        "max": {"type": "integer", "minimum": 1},
+                    },
+                },
+            ],
+        },
     },
+}
+
+_SCALE_EVENT = {
+    "type": "object",
+    "required": ["time", "stage", "from_instances", "to_instances", "by", "reason"],
+    "properties": {
+        "time": {"type": "number", "description": "the runtime's clock (seconds)"},
+        "age_s": {"type": "number", "minimum": 0},
+        "stage": {"type": "string"},
+        "from_instances": {"type": "integer"},
+        "to_instances": {"type": "integer"},
+        "by": {"type": "string", "description": "operator (API, CLI, dashboard) or autoscaler"},
+        "reason": {"type": "string"},
+    },
+}
+
+_REQUEST_STATES = ["running", "done", "failed", "cancelled", "timed_out", "unknown"]
+
+_REQUEST_SUMMARY = {
+    "type": "object",
+    "required": ["request_id", "status", "latency_s", "results"],
+    "properties": {
+        "request_id": _REQUEST_ID,
+        "status": {"enum": ["done", "failed", "cancelled", "timed_out"]},
+        "latency_s": {"type": "number", "minimum": 0},
+        "time_to_first_result_s": {"type": ["number", "null"]},
+        "results": {"type": "integer", "minimum": 0},
+        "error": {"type": ["string", "null"]},
+        "traced": {"type": "boolean"},
+        "age_s": {"type": "number", "minimum": 0, "description": "seconds since it ended"},
+    },
+}
+
+_TRACE = {
+    "type": "object",
+    "description": (
+        "Times are seconds since admission (admitted_at is its wall-clock time). A hop is a "
+        "partial output passing the runtime, from a stage (or the ingress, or the runtime "
+        "itself for a group close) to a stage or the sink; a span is what an instance "
+        "reported for one input: received, started, first_output, last_output, ended, "
+        "outputs and, on LM stages, gen_ai.* usage attributes and token_times."
+    ),
+    "required": ["request_id", "trace_id", "hops", "spans"],
+    "properties": {
+        "request_id": _REQUEST_ID,
+        "trace_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "parent_span_id": {"type": ["string", "null"]},
+        "status": {"type": "string"},
+        "error": {"type": ["string", "null"]},
+        "admitted_at": {"type": "number"},
+        "latency_s": {"type": ["number", "null"]},
+        "hops": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["t", "from", "to", "queue", "key_path"],
+                "properties": {
+                    "t": {"type": "number"},
+                    "from": {"type": "string"},
+                    "from_instance": {"type": ["integer", "null"]},
+                    "queue": {"type": "string"},
+                    "to": {"type": "string"},
+                    "to_instance": {"type": ["integer", "null"]},
+                    "key_path": {"type": "array", "items": {"type": "integer"}},
+                    "kind": {"type": "string"},
+                },
+            },
+        },
+        "spans": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["stage"],
+                "properties": {
+                    "stage": {"type": "string"},
+                    "instance": {"type": "integer"},
+                    "key_path": {"type": "array", "items": {"type": "integer"}},
+                    "kind": {"type": "string"},
+                    "status": {"type": "string"},
+                    "received": {"type": "number"},
+                    "started": {"type": "number"},
+                    "first_output": {"type": "number"},
+                    "last_output": {"type": "number"},
+                    "ended": {"type": "number"},
+                    "outputs": {"type": "integer"},
+                    "attributes": {"type": "object"},
+                    "token_times": {"type": "array", "items": {"type": "number"}},
+                },
+            },
+        },
+        "dropped_events": {"type": "integer", "minimum": 0},
+    },
+}
+
+_TIMELINE = {
+    "type": "object",
+    "required": ["request_id", "state"],
+    "properties": {
+        "request_id": _REQUEST_ID,
+        "state": {"enum": _REQUEST_STATES},
+        "elapsed_s": {"type": "number", "description": "running requests: seconds so far"},
+        "deadline_in_s": {"type": ["number", "null"]},
+        "latency_s": {"type": ["number", "null"]},
+        "results": {"type": "integer", "minimum": 0},
+        "time_to_first_result_s": {"type": ["number", "null"]},
+        "error": {"type": ["string", "null"]},
+        "trace": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Trace"}]},
+    },
+}
+
+# The ingress's deadline: the runtime's check_timeout bounds (more than 0, at most a day).
+_SECONDS_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": 86400}
+_TRACEPARENT_SCHEMA = {
+    "type": "string",
+    "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+}
+_REQUEST_ID_PATH = {
+    "name": "request_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
 }
 
 _INSTANCE = {
@@ -143,6 +295,11 @@ _INSTANCE = {
         "frames_out": {"type": "integer"},
         "pid": {"type": ["integer", "null"]},
         "last_error": {"type": ["string", "null"]},
+        "gauges": {
+            "type": "object",
+            "additionalProperties": {"type": "number"},
+            "description": "numbers its stage object reports (an LM engine's token counters...)",
+        },
     },
 }
 
@@ -223,6 +380,10 @@ def openapi_document(
         },
         "Stage": _STAGE,
         "Instance": _INSTANCE,
+        "ScaleEvent": _SCALE_EVENT,
+        "RequestSummary": _REQUEST_SUMMARY,
+        "Trace": _TRACE,
+        "Timeline": _TIMELINE,
         "Edge": {
             "type": "object",
             "properties": {
@@ -267,7 +428,9 @@ def openapi_document(
         + (f"({stage_limits}) " if stage_limits else "")
         + "or one that would take the runtime past its `[runtime] max_instances` "
         + (f"({stats.max_instances}) " if stats.max_instances else "")
-        + "instance processes is refused with 409, and nothing is started."
+        + "instance processes is refused with 409, and nothing is started. So is a "
+        + "stage that the autoscaler owns ([stages.NAME.autoscale]: the message names its "
+        + "range)."
     )
     return {
         "openapi": "3.1.0",
@@ -319,6 +482,16 @@ def openapi_document(
                                         "items": {"$ref": "#/components/schemas/Instance"},
                                     },
                                     "requests": {"type": "object"},
+                                    "finished": {
+                                        "type": "object",
+                                        "description": "requests that ended, by final status (done, failed, cancelled, timed_out), each once",
+                                        "additionalProperties": {"type": "integer", "minimum": 0},
+                                    },
+                                    "scale_log": {
+                                        "type": "array",
+                                        "description": "the scale events the runtime keeps, oldest first",
+                                        "items": {"$ref": "#/components/schemas/ScaleEvent"},
+                                    },
                                     "max_instances": {
                                         "type": "integer",
                                         "description": "the runtime's limit on instance processes (0: not reported)",
@@ -355,7 +528,9 @@ def openapi_document(
                     "summary": "Server-Sent Events: one `stats` event per stream interval",
                     "description": (
                         "Each event carries per-instance state and queue depth, rates "
-                        "(frames/s, requests/s) and ingress latency p50/p99. A new client gets "
+                        "(frames/s, requests/s), request latency p50/p99, each stage's "
+                        "autoscale range and the newest scale events with their reasons "
+                        "(`scale_log`). A new client gets "
                         "the current state at once; a slow client skips to the latest event. "
                         "The stream does not end."
                     ),
@@ -371,6 +546,10 @@ def openapi_document(
                                         "time": {"type": "number"},
                                         "stages": {"type": "array", "items": {"type": "object"}},
                                         "instances": {"type": "array", "items": {"type": "object"}},
+                                        "scale_log": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/ScaleEvent"},
+                                        },
                                     },
                                 }
                             },
@@ -424,7 +603,8 @@ def openapi_document(
                         "404": _error("Unknown stage"),
                         "409": _error(
                             "Past the stage's or the runtime's max_instances (the message names "
-                            "the limit), or the runtime has no launcher to start instances with"
+                            "the limit), the runtime has no launcher to start instances with, or "
+                            "the stage is autoscaled (the message names its range)"
                         ),
                         "413": _TOO_LARGE,
                         "415": _UNSUPPORTED,
@@ -458,7 +638,10 @@ def openapi_document(
                         ),
                         **unauthorized,
                         "404": _error("Unknown instance"),
-                        "409": _error("The last instance of its stage: scale the stage up first"),
+                        "409": _error(
+                            "The last instance of its stage (scale the stage up first), or one "
+                            "of the fewest an autoscaled stage keeps"
+                        ),
                         "413": _TOO_LARGE,
                     },
                 }
@@ -470,7 +653,14 @@ def openapi_document(
                         "By default the response is an SSE stream of `accepted`, `result`... "
                         "and then `done` or `error` events. With `?stream=false` or "
                         "`Accept: application/json` the response is one JSON object once the "
-                        "request has finished. Closing the connection cancels the request."
+                        "request has finished. Closing the connection cancels the request. "
+                        "A deadline (`timeout` or `X-Alto-Timeout`, seconds; default: the "
+                        "deployment's `[runtime] request_timeout`) ends the request with an "
+                        '`error` event saying "deadline exceeded". A W3C `traceparent` '
+                        "header makes the request's trace continue the caller's (its sampled "
+                        "flag decides whether it is traced); a traced request's answer carries "
+                        "a `traceparent` with its trace id, and `GET /api/requests/{id}` has "
+                        "its timeline."
                     ),
                     **secured,
                     "parameters": [
@@ -488,6 +678,27 @@ def openapi_document(
                             "description": "false: one JSON answer instead of SSE",
                             "schema": {"enum": list(STREAM_FLAGS), "default": "true"},
                         },
+                        {
+                            "name": "timeout",
+                            "in": "query",
+                            "required": False,
+                            "description": f"the request's deadline in seconds (or the {TIMEOUT_HEADER} header; not both)",
+                            "schema": _SECONDS_SCHEMA,
+                        },
+                        {
+                            "name": TIMEOUT_HEADER,
+                            "in": "header",
+                            "required": False,
+                            "description": "the request's deadline in seconds (or the timeout query parameter; not both)",
+                            "schema": _SECONDS_SCHEMA,
+                        },
+                        {
+                            "name": "traceparent",
+                            "in": "header",
+                            "required": False,
+                            "description": "W3C Trace Context: the caller's trace, which the request's continues",
+                            "schema": _TRACEPARENT_SCHEMA,
+                        },
                     ],
                     "requestBody": {
                         "required": True,
@@ -497,6 +708,16 @@ def openapi_document(
                     "responses": {
                         "200": {
                             "description": "Results, streamed or collected",
+                            "headers": {
+                                "X-Request-Id": {
+                                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "description": "the request's id (DELETE /v1/requests/{id} cancels it)",
+                                },
+                                "traceparent": {
+                                    "schema": _TRACEPARENT_SCHEMA,
+                                    "description": "traced requests: the request's trace id",
+                                },
+                            },
                             "content": {
                                 **_sse(_REQUEST_EVENTS, "")["content"],
                                 "application/json": {
@@ -518,8 +739,9 @@ def openapi_document(
                             },
                         },
                         "400": _error(
-                            "Malformed JSON, input that does not fit the input message, or a "
-                            "stream flag that is not a boolean"
+                            "Malformed JSON, input that does not fit the input message, a "
+                            "stream flag that is not a boolean, a timeout out of range, or a "
+                            "malformed traceparent"
                         ),
                         **unauthorized,
                         "404": _error("This runtime serves another pipeline"),
@@ -536,6 +758,93 @@ def openapi_document(
                                 }
                             },
                         ),
+                    },
+                }
+            },
+            "/v1/requests/{request_id}": {
+                "delete": {
+                    "summary": "Cancel a running request",
+                    "description": (
+                        "The request ends with an error saying it was cancelled (its client "
+                        "gets that as its `error` event), its queued work is dropped and the "
+                        "instances holding its inputs are told to stop."
+                    ),
+                    **secured,
+                    "parameters": [_REQUEST_ID_PATH],
+                    "responses": {
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "required": ["request_id", "state"],
+                                "properties": {
+                                    "request_id": _REQUEST_ID,
+                                    "state": {"enum": _REQUEST_STATES},
+                                },
+                            },
+                            "Cancelled",
+                        ),
+                        **unauthorized,
+                        "404": _error("Unknown, or already ended"),
+                    },
+                }
+            },
+            "/api/requests": {
+                "get": {
+                    "summary": "Finished requests: the most recent, or the slowest",
+                    "description": (
+                        "Whichever door they came through (HTTP, socket clients, in-process). "
+                        "The runtime remembers the last 1024 finished requests."
+                    ),
+                    "parameters": [
+                        {
+                            "name": "order",
+                            "in": "query",
+                            "required": False,
+                            "description": "recent: newest first; slowest: slowest first",
+                            "schema": {"enum": list(REQUEST_ORDERS), "default": REQUEST_ORDERS[0]},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_REQUESTS_LISTED,
+                                "default": 50,
+                            },
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["order", "requests"],
+                                "properties": {
+                                    "order": {"enum": list(REQUEST_ORDERS)},
+                                    "requests": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/RequestSummary"},
+                                    },
+                                },
+                            },
+                            "The requests, in the order asked for",
+                        ),
+                        "400": _error("An order or limit outside what is allowed"),
+                    },
+                }
+            },
+            "/api/requests/{request_id}": {
+                "get": {
+                    "summary": "One request's timeline: its state, timings and trace",
+                    "description": (
+                        "Running, recent and slowest requests are known. `trace` is null "
+                        "when the request was not sampled (`[runtime] trace_sample_rate`)."
+                    ),
+                    "parameters": [_REQUEST_ID_PATH],
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Timeline"}, "The timeline"),
+                        "404": _error("Unknown: never admitted, or forgotten"),
                     },
                 }
             },

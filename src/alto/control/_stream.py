@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from ..dataplane._stats import RuntimeCommands, RuntimeStatistics
-from ._metrics import IngressStats
+from ..dataplane._stats import RuntimeCommands, RuntimeStatistics, ScaleEvent
+from ._metrics import ControlStats
 
 logger = logging.getLogger("alto.control")
 
@@ -50,6 +50,10 @@ MAX_KEEPALIVE_S = 600.0
 
 KEEPALIVE = b": keepalive\n\n"
 
+# Scale events in each stats event: the newest ones (``/api/pipeline`` has all the runtime
+# keeps). Enough for a log on the dashboard; the stream stays small at four events a second.
+STREAM_SCALE_EVENTS = 20
+
 
 def check_keepalive(seconds: float) -> float:
     """``seconds`` as a keepalive interval; raises ValueError naming the allowed range."""
@@ -65,6 +69,35 @@ def check_keepalive(seconds: float) -> float:
     return float(seconds)
 
 
+def autoscale_dict(autoscale: tuple[int, int] | None) -> dict[str, int] | None:
+    """A stage's autoscale range as JSON, or None when it is scaled by hand only."""
+    return None if autoscale is None else {"min": autoscale[0], "max": autoscale[1]}
+
+
+def finished_dict(stats: RuntimeStatistics) -> dict[str, int]:
+    """Requests that ended, by final status, each once (the runtime counts a timed-out
+    request among its failed ones too)."""
+    return {
+        "done": stats.requests_completed,
+        "failed": stats.requests_failed - stats.requests_timed_out,
+        "cancelled": stats.requests_cancelled,
+        "timed_out": stats.requests_timed_out,
+    }
+
+
+def scale_event_dict(event: ScaleEvent, now: float) -> dict[str, Any]:
+    """A scale event as JSON: ``time`` on the runtime's clock, ``age_s`` before ``now``."""
+    return {
+        "time": event.time,
+        "age_s": round(max(0.0, now - event.time), 3),
+        "stage": event.stage,
+        "from_instances": event.from_instances,
+        "to_instances": event.to_instances,
+        "by": event.by,
+        "reason": event.reason,
+    }
+
+
 def _rate(new: float, old: float, dt: float) -> float:
     return round((new - old) / dt, 3) if dt > 0 else 0.0
 
@@ -72,7 +105,7 @@ def _rate(new: float, old: float, dt: float) -> float:
 class StatsHub:
     """Samples the runtime and holds the latest rendered ``stats`` event."""
 
-    def __init__(self, runtime: RuntimeCommands, ingress: IngressStats, interval: float) -> None:
+    def __init__(self, runtime: RuntimeCommands, ingress: ControlStats, interval: float) -> None:
         if (
             isinstance(interval, bool)
             or not isinstance(interval, int | float)
@@ -97,6 +130,9 @@ class StatsHub:
     def sample(self) -> None:
         """Take one snapshot and publish it as the latest event."""
         stats = self._runtime.statistics()
+        # Every snapshot counts the scale events it shows, so that /metrics misses none
+        # that the runtime's bounded log forgets between two scrapes.
+        self._ingress.scale_counts.update(stats.scale_log)
         # Keep one snapshot older than the window, so rates span at least the window.
         history = self._history
         history.append(stats)
@@ -145,6 +181,7 @@ class StatsHub:
                     "frames_processed": stage.frames_processed,
                     "frames_per_s": _rate(stage.frames_processed, prev_stage.frames_processed, dt),
                     "errors": stage.errors,
+                    "autoscale": autoscale_dict(stage.autoscale),
                 }
             )
         now = trio.current_time()
@@ -160,6 +197,7 @@ class StatsHub:
                 "failed": stats.requests_failed,
                 "refused": stats.requests_refused,
             },
+            "finished": finished_dict(stats),
             "rates": {
                 "window_s": round(dt, 3),
                 "frames_per_s": _rate(stats.frames_relayed, old.frames_relayed, dt),
@@ -170,6 +208,9 @@ class StatsHub:
             "latency": self._ingress.summary(now),
             "frames_relayed": stats.frames_relayed,
             "scale_events": stats.scale_events,
+            "scale_log": [
+                scale_event_dict(e, stats.time) for e in stats.scale_log[-STREAM_SCALE_EVENTS:]
+            ],
             "stages": stages,
             "instances": instances,
             "recent_errors": [
