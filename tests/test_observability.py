@@ -176,7 +176,10 @@ async def test_traces_exported_by_a_real_serve_span_by_span(tmp_path: Path) -> N
             json={"value": 3},
             headers={**s.auth, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
         ) as source:
-            assert source.response.headers["traceparent"] == f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+            answered = source.response.headers["traceparent"]
+            # the caller's trace, and alto's own span in it (a child of the caller's)
+            assert answered.startswith(f"00-{TRACE_ID}-") and answered.endswith("-01")
+            assert answered.split("-")[2] != CALLER_SPAN
             continued = int(source.response.headers["x-request-id"])
             events = [e.event async for e in source.aiter_sse()]
         assert events == ["accepted"] + ["result"] * 4 + ["done"]
@@ -241,6 +244,8 @@ async def test_traces_exported_by_a_real_serve_span_by_span(tmp_path: Path) -> N
         assert root["attributes"]["alto.request.status"] == "done"
         if trace_id == TRACE_ID:
             assert root["parent_id"] == "0x" + CALLER_SPAN  # the caller's span
+            # ... and the ingress answered with the id the span was exported with
+            assert answered == f"00-{TRACE_ID}-{root['context']['span_id'][2:]}-01"
         else:
             assert root["parent_id"] is None
         children = [x for x in spans if x is not root]

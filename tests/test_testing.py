@@ -199,8 +199,6 @@ async def test_leaving_with_requests_in_flight_cancels_cleanly(
             while p.runtime.statistics().requests_cancelled != 1:
                 await trio.sleep(0.01)
         assert p.runtime.statistics().requests_in_flight == 0
-        async for r in p.submit(Number(value=1000)):  # and one still running at the end
-            break
         runtime = p.runtime
     # everything was cancelled: the instances saw the runtime go (a quiet stop, no crash)
     assert all(i.state == InstanceState.STOPPED for i in runtime.instances.values())

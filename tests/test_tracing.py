@@ -83,6 +83,7 @@ async def test_traces_are_exported_through_opentelemetry(
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     async with open_pipeline(demo, trace_exporter=exporter) as p:
         rid = (await p.client.run(Number(value=2), traceparent=parent))[0].request_id
+        timeline = p.runtime.request_timeline(rid)
         await p.run(Number(value=1))  # a second, unrelated trace
     exporter.shutdown()
     spans = [json.loads(line) for line in path.read_text().splitlines()]
@@ -92,6 +93,10 @@ async def test_traces_are_exported_through_opentelemetry(
     assert others and len({s["context"]["trace_id"] for s in others}) == 1
     (root,) = [s for s in mine if s["name"] == "alto.request"]
     assert root["parent_id"] == "0x" + parent_span  # continues the caller's trace
+    # alto's span has the id the runtime chose at admission (and answers the ingress with)
+    assert (
+        timeline is not None and root["context"]["span_id"] == "0x" + timeline["trace"]["span_id"]
+    )
     assert root["attributes"]["alto.request.id"] == rid
     assert root["attributes"]["alto.request.status"] == "done"
     children = [s for s in mine if s is not root]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +59,7 @@ class Client:
         self._send_lock = trio.Lock()
         # Submissions left before their ACCEPTED arrived (correlation ids): cancelled then.
         self._abandoned: set[int] = set()
+        self._accepted: dict[int, int] = {}  # correlation id -> request id, not yet read
         self._closed = False
 
     async def _handshake(self) -> None:
@@ -95,6 +96,7 @@ class Client:
                     ch = self._pending.pop(corr, None)
                     if ch is not None:
                         self._by_rid[rid] = ch
+                        self._accepted[corr] = rid  # until its submit() has read it
                         self._deliver(ch, ("accepted", rid))
                     elif corr in self._abandoned:
                         # Its submit() was left before the runtime accepted it: nobody
@@ -136,7 +138,7 @@ class Client:
         *,
         timeout: float | None = None,
         traceparent: str | None = None,
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         """Submit one request; yield its results as they arrive.
 
         ``timeout``: seconds after which the request fails with "deadline exceeded" and
@@ -176,6 +178,7 @@ class Client:
             async for kind, value in recv:
                 if kind == "accepted":
                     rid = value
+                    self._accepted.pop(corr, None)
                 elif kind == "refused":
                     finished = True
                     reason, text, retry_after = value
@@ -198,6 +201,8 @@ class Client:
         finally:  # also when the caller stops early: forget this request's channel
             recv.close()
             self._pending.pop(corr, None)
+            if not rid:  # accepted meanwhile, but left before reading it?
+                rid = self._accepted.pop(corr, 0)
             if not rid and not finished:
                 self._abandoned.add(corr)  # cancelled when its ACCEPTED arrives
             if rid:

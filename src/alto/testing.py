@@ -49,7 +49,7 @@ import json
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,17 +90,22 @@ class InProcessPipeline:
     client: Client
     pipeline: PipelineConfig
 
-    def submit(self, message: Message) -> AsyncIterator[Result]:
-        """Submit one request and yield its results as they arrive (see ``Client.submit``)."""
-        return self.client.submit(message)
+    def submit(
+        self, message: Message, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> AsyncGenerator[Result, None]:
+        """Submit one request and yield its results as they arrive (see ``Client.submit``:
+        leaving the loop early cancels the request)."""
+        return self.client.submit(message, timeout=timeout, traceparent=traceparent)
 
-    async def run(self, message: Message) -> list[Result]:
+    async def run(
+        self, message: Message, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> list[Result]:
         """Submit one request and return all its results in arrival order.
 
         Raises RequestFailed when a stage failed (the message names stage and instance)
         and OverloadedError when the runtime refused the request.
         """
-        return await self.client.run(message)
+        return await self.client.run(message, timeout=timeout, traceparent=traceparent)
 
     async def wait_ready(self) -> None:
         """Wait until no instance is starting (after ``runtime.scale(...)``, say).

@@ -380,14 +380,14 @@ def _traceparent_option() -> str | None:
 def _response_traceparent(
     runtime: ControlRuntime, request_id: int, traceparent: str | None
 ) -> str | None:
-    """The ``traceparent`` the ingress answers a traced request with: its trace id, and the
-    caller's span id when it sent one. (alto's own request span gets its id when the trace
-    is exported, after the request ends; without a caller's span a fresh id stands in.)"""
+    """The ``traceparent`` the ingress answers a traced request with: its trace id and the
+    id of alto's own span for the request (``alto.request``, a child of the caller's span
+    when it sent one), as exported later."""
     timeline = runtime.request_timeline(request_id)
     trace = timeline.get("trace") if timeline is not None else None
     if not isinstance(trace, dict) or not trace.get("trace_id"):
         return None
-    span = traceparent.split("-")[2] if traceparent is not None else secrets.token_hex(8)
+    span = trace.get("span_id") or secrets.token_hex(8)
     return f"00-{trace['trace_id']}-{span}-01"
 
 

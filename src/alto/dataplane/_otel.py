@@ -47,16 +47,21 @@ __all__ = ["JsonLinesSpanExporter", "OTelExport", "exporter_from_options"]
 _next_trace_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "alto_next_trace_id", default=None
 )
+_next_span_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "alto_next_span_id", default=None
+)
 
 
 class _RecordIds(IdGenerator):
-    """Random span ids; the trace id alto chose at admission for a root span."""
+    """The trace and span ids alto chose at admission for a request's span; random ones
+    for its children."""
 
     def __init__(self) -> None:
         self._random = RandomIdGenerator()
 
     def generate_span_id(self) -> int:
-        return self._random.generate_span_id()
+        chosen = _next_span_id.get()
+        return chosen if chosen is not None else self._random.generate_span_id()
 
     def generate_trace_id(self) -> int:
         chosen = _next_trace_id.get()
@@ -114,6 +119,7 @@ class OTelExport:
         else:
             parent = None
         token = _next_trace_id.set(int(record.trace_id, 16))
+        span_token = _next_span_id.set(int(record.span_id, 16))
         try:
             root = self.tracer.start_span(
                 "alto.request",
@@ -128,6 +134,7 @@ class OTelExport:
             )
         finally:
             _next_trace_id.reset(token)
+            _next_span_id.reset(span_token)
         if record.status != "done":
             root.set_status(Status(StatusCode.ERROR, record.error or record.status))
         ctx = ot.set_span_in_context(root)

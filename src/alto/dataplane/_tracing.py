@@ -66,6 +66,9 @@ class TraceRecord:
     request_id: int
     trace_id: str  # 32 hex digits
     parent_span_id: str  # 16 hex digits, or "" when the request started the trace
+    # alto's own span for the request (``alto.request``), chosen at admission so that the
+    # ingress can answer with a ``traceparent`` naming it before the trace is exported
+    span_id: str
     admitted: float  # wall clock (alto._telemetry.wall_clock())
     hops: list[dict[str, Any]] = field(default_factory=list)
     spans: list[dict[str, Any]] = field(default_factory=list)
@@ -136,6 +139,7 @@ class TraceRecord:
         return {
             "request_id": self.request_id,
             "trace_id": self.trace_id,
+            "span_id": self.span_id,
             "parent_span_id": self.parent_span_id or None,
             "status": self.status,
             "error": self.error or None,
@@ -192,7 +196,7 @@ class Tracer:
             )
         if not sampled:
             return None
-        rec = TraceRecord(request_id, trace_id, parent, wall_clock())
+        rec = TraceRecord(request_id, trace_id, parent, secrets.token_hex(8), wall_clock())
         self.running[request_id] = rec
         self.traced += 1
         return rec
