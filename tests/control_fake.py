@@ -312,6 +312,7 @@ class FakeRuntime:
             req.trace = {
                 "request_id": req.rid,
                 "trace_id": parent[0] if parent is not None else secrets.token_hex(16),
+                "span_id": secrets.token_hex(8),
                 "parent_span_id": parent[1] if parent is not None else None,
                 "status": "running",
                 "error": None,

@@ -937,10 +937,13 @@ async def test_traceparent_is_continued_and_answered(server: Server) -> None:
     )
     assert response.status_code == 200 and response.json()["status"] == "done"
     rid = int(response.headers["x-request-id"])
-    assert response.headers["traceparent"] == f"00-{TRACE_ID}-{CALLER_SPAN}-01"
     timeline = (await server.client.get(f"/api/requests/{rid}")).json()
     assert timeline["trace"]["trace_id"] == TRACE_ID
     assert timeline["trace"]["parent_span_id"] == CALLER_SPAN
+    # The answer names alto's own span for the request, a child of the caller's.
+    own_span = timeline["trace"]["span_id"]
+    assert len(own_span) == 16 and own_span != CALLER_SPAN
+    assert response.headers["traceparent"] == f"00-{TRACE_ID}-{own_span}-01"
 
     # Without a traceparent the request starts its own trace (sampled: rate 1.0).
     with trio.fail_after(5):
@@ -954,6 +957,7 @@ async def test_traceparent_is_continued_and_answered(server: Server) -> None:
     assert (version, flags) == ("00", "01") and len(span) == 16
     timeline = (await server.client.get(f"/api/requests/{rid}")).json()
     assert timeline["trace"]["trace_id"] == trace_id
+    assert timeline["trace"]["span_id"] == span
 
     # A caller that does not sample: no trace, no traceparent in the answer.
     response = await server.client.post(

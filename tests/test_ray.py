@@ -169,10 +169,11 @@ async def test_demo_on_ray_over_tls(
         assert squarers <= {i.id for i in rt.active_instances("square")}
         pids = worker_pids(info)
         assert len(pids) == 6
-        some = min(i.id for i in rt.active_instances("square"))
-    # the instances' logs came back with their prefix
+        ids = {(st, i.id) for st in ("square", "total") for i in rt.active_instances(st)}
+    # every instance's log came back, with its prefix, its last lines included
     err = capfd.readouterr().err
-    assert f"[square/{some}] " in err
+    for stage, iid in ids:
+        assert f"[{stage}/{iid}] " in err, (stage, iid)
     for pid in pids:
         assert not alive(pid), f"worker {pid} survived shutdown"
 

@@ -156,3 +156,22 @@ async def test_stage_metrics_count_every_input(
         outcomes = p.runtime.recent_requests()
         assert [o.status for o in outcomes] == ["done", "done"]
         assert all(o.time_to_first_result is not None for o in outcomes)
+
+
+def test_wall_clock_is_right_in_every_event_loop_run() -> None:
+    """A process may run several event loops one after another (``alto serve`` does); trio
+    starts each clock at a random offset, so an offset taken in one run is wrong in the
+    next, and spans stamped with it would land hours away from their children."""
+    import asyncio
+    import time
+
+    from alto._telemetry import wall_clock
+
+    async def stamp() -> float:
+        return wall_clock() - time.time()
+
+    async def stamp_asyncio() -> float:
+        return wall_clock() - time.time()
+
+    errors = [trio.run(stamp), trio.run(stamp), asyncio.run(stamp_asyncio()), trio.run(stamp)]
+    assert all(abs(e) < 1.0 for e in errors), errors

@@ -36,6 +36,7 @@ stream in.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import time
@@ -43,12 +44,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import sniffio
 
 __all__ = ["BUCKETS", "InputRecord", "MetricDeltas", "merge_histogram", "now", "wall_clock"]
 
 GAUGES = "gauges"  # the key of a STATS payload holding current values, not histograms
 
-_wall_offset: float | None = None
+# (the event loop run it was taken in, offset): each run has its own clock (trio's starts
+# at a random offset), so an offset is only good within the run that took it.
+_wall_offset: tuple[object, float] | None = None
 
 
 def now() -> float:
@@ -57,15 +61,27 @@ def now() -> float:
     return anyio.current_time()
 
 
+def _current_run() -> object:
+    """An object that identifies the running event loop run (trio's token, or asyncio's
+    loop)."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    return asyncio.get_running_loop()
+
+
 def wall_clock(t: float | None = None) -> float:
     """Event-loop time ``t`` (default: now) as wall-clock seconds, what spans and hops
     carry so that the runtime and the instances (other processes) can line them up. The
-    offset is taken once per process."""
+    offset is taken once per event loop run (a process may run several one after
+    another, each with its own clock)."""
     global _wall_offset
     loop_now = anyio.current_time()
-    if _wall_offset is None:
-        _wall_offset = time.time() - loop_now
-    return (loop_now if t is None else t) + _wall_offset
+    run = _current_run()
+    if _wall_offset is None or _wall_offset[0] is not run:
+        _wall_offset = (run, time.time() - loop_now)
+    return (loop_now if t is None else t) + _wall_offset[1]
 
 
 _SECONDS = (

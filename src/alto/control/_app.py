@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
@@ -385,10 +384,9 @@ def _response_traceparent(
     when it sent one), as exported later."""
     timeline = runtime.request_timeline(request_id)
     trace = timeline.get("trace") if timeline is not None else None
-    if not isinstance(trace, dict) or not trace.get("trace_id"):
+    if not isinstance(trace, dict) or not trace.get("trace_id") or not trace.get("span_id"):
         return None
-    span = trace.get("span_id") or secrets.token_hex(8)
-    return f"00-{trace['trace_id']}-{span}-01"
+    return f"00-{trace['trace_id']}-{trace['span_id']}-01"
 
 
 def _bounded_int(name: str, default: int, low: int, high: int) -> int:

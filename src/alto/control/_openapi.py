@@ -198,10 +198,11 @@ _TRACE = {
         "reported for one input: received, started, first_output, last_output, ended, "
         "outputs and, on LM stages, gen_ai.* usage attributes and token_times."
     ),
-    "required": ["request_id", "trace_id", "hops", "spans"],
+    "required": ["request_id", "trace_id", "span_id", "hops", "spans"],
     "properties": {
         "request_id": _REQUEST_ID,
         "trace_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "span_id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
         "parent_span_id": {"type": ["string", "null"]},
         "status": {"type": "string"},
         "error": {"type": ["string", "null"]},

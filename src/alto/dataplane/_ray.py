@@ -96,6 +96,7 @@ __all__ = ["InstanceActor", "RayLauncher"]
 
 POLL_SECONDS = 0.2  # how long one poll waits in the actor for output or an exit
 MAX_PENDING_TIMEOUT = 3600.0
+DRAIN_SECONDS = 2.0  # how long a stopped worker's last output is waited for
 MAX_OUTPUT_CHUNK = 1 << 20  # bytes of worker output one poll brings back at most
 
 
@@ -235,6 +236,7 @@ class _Handle:
     partial: bytes = b""
     done: bool = False
     reaping: bool = False
+    draining: bool = False  # being terminated: its output is read by _terminate, not _watch
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -469,7 +471,7 @@ class RayLauncher:
     async def _watch(self) -> None:
         """Poll every started actor; report exits and deaths, relay output."""
         while True:
-            live = [h for h in self.handles.values() if h.pid and not h.done]
+            live = [h for h in self.handles.values() if h.pid and not h.done and not h.draining]
             for h in live:
                 if h.pending is None:
                     h.pending = h.actor.poll.remote(POLL_SECONDS)
@@ -548,18 +550,42 @@ class RayLauncher:
             await self._terminate(h)
 
     async def _terminate(self, h: _Handle) -> None:
-        """Signal the worker's process group in its actor, then kill the actor."""
+        """Signal the worker's process group in its actor, bring back the output it had
+        not relayed yet (its last log lines), then kill the actor."""
+        h.draining = True  # _watch leaves it alone from here on
+        pending, h.pending = h.pending, None
+        rc: int | None = None
+        why: str | None = "it did not stop in time; its Ray actor was killed"
         try:
-            await trio.to_thread.run_sync(
-                lambda: ray.get(
-                    h.actor.terminate.remote(self.stop_timeout),
-                    timeout=2 * self.stop_timeout + 5,
-                ),
+            rc = await trio.to_thread.run_sync(
+                functools.partial(self._terminate_and_drain, h, pending),
                 abandon_on_cancel=True,
             )
+            if rc is not None:
+                why = None
         except Exception as exc:  # the actor is gone or stuck: killing it ends the worker
             log.debug("terminate %s/%d: %s", h.stage, h.iid, exc)
-        await self._kill_actor(h)
+        if self._closed:
+            await self._kill_actor(h)
+        else:
+            self._ended(h, rc, why)  # reports the exit, kills the actor
+
+    def _terminate_and_drain(self, h: _Handle, pending: Any) -> int | None:
+        """(In a thread.) The actor runs one call at a time: the poll in flight, then the
+        terminate, then polls until the worker's output has all been read."""
+        terminate = h.actor.terminate.remote(self.stop_timeout)
+        if pending is not None:
+            out, _ = ray.get(pending, timeout=POLL_SECONDS * 2 + 5)
+            self._emit(h, out)
+        ray.get(terminate, timeout=2 * self.stop_timeout + 5)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        rc: int | None = None
+        while rc is None and time.monotonic() < deadline:
+            out, rc = ray.get(h.actor.poll.remote(POLL_SECONDS), timeout=POLL_SECONDS * 2 + 5)
+            self._emit(h, out)
+        if h.partial:
+            self._emit(h, b"\n")
+        return rc
 
     async def shutdown(self) -> None:
         """Stop every instance (its whole process group), kill every actor, disconnect
