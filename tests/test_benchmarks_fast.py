@@ -180,3 +180,124 @@ def test_autoscale_fast(tmp_path: Path) -> None:
         assert "queue depth" in e["reason"]
     # The 4x step wants more query generators than one: the autoscaler adds them.
     assert any(e["stage"] == "queries" and e["to"] > e["from"] for e in auto["scale_events"])
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def fig3_point(mode: str, achieved: float, p50: float, *, counted: bool = True) -> dict[str, Any]:
+    return {
+        "mode": mode, "offered": achieved, "achieved": achieved, "p50": p50, "p99": 2 * p50,
+        "failed": 0, "sent": 10, "completed": 10, "first_claim_p50": 1.0,
+        "first_evidence_p50": 2.0, "claims_per_request": 3.3, "evidence_per_request": 8.0,
+        "counted": counted, "window_s": 10.0,
+    }  # fmt: skip
+
+
+def test_figure3_summary_interpolates_the_load_at_the_target(tmp_path: Path) -> None:
+    """The load each mode sustains at the 4 s median is read off the curve between the two
+    points around the crossing; a point past saturation is not read."""
+    points = [
+        fig3_point("baseline", 1.0, 3.5),
+        fig3_point("baseline", 2.0, 4.5),
+        fig3_point("baseline", 3.0, 9.0),
+        fig3_point("streaming", 1.0, 3.0),
+        fig3_point("streaming", 3.0, 5.0),
+        fig3_point("streaming", 2.5, 3.2, counted=False),  # ignored: not sustained
+    ]
+    (tmp_path / "points.json").write_text(json.dumps(points))
+    plot = tmp_path / "figure3.png"
+    out = run_script(
+        "figure3.py", "--from-json", str(tmp_path / "points.json"), "--plot", str(plot)
+    )
+    assert "p50 <= 4 s, baseline: 1.50 req/s" in out
+    assert "p50 <= 4 s, streaming: 2.00 req/s" in out
+    # 4 s: 2.0 / 1.5; 5 s: streaming never crosses (its last point, 3.0) over 2 + 0.5 / 4.5
+    assert "streaming / baseline, load at a p50 target of 4 s: 1.33x" in out
+    assert "5 s: 1.42x" in out
+    assert "P99 at the lowest load (1 req/s), baseline / streaming: 1.17x" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_figure3_fast(tmp_path: Path) -> None:
+    """The real benchmark for a few seconds per mode: ``alto serve`` of the paper's
+    deployment, a load generator process, every request accounted for."""
+    out = tmp_path / "points.json"
+    stdout = run_script(
+        "figure3.py", "--fast", "--modes", "baseline,streaming", "--json", str(out), timeout=900
+    )
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["baseline", "streaming"]
+    for r in rows:
+        assert r["sent"] > 0 and r["completed"] + r["failed"] == r["sent"]
+        assert r["completed"] > 0 and 0 < r["first_claim_p50"] <= r["p50"] <= r["p99"]
+        assert r["claims_per_request"] > 0 and r["evidence_per_request"] > 0
+        assert {"qa", "claims", "queries"} <= r["utilisation"].keys()
+        assert r["bottleneck"]
+    assert "| baseline | 1 |" in stdout and "| streaming | 1 |" in stdout
+    assert "highest load with p50 <= 4 s, streaming" in stdout
+
+
+def test_critical_path_model(tmp_path: Path) -> None:
+    """The Table 1 model orders the modes as its critical paths imply (seeded, so the
+    same numbers every run)."""
+    out = tmp_path / "model.json"
+    stdout = run_script("critical_path.py", "--requests", "2000", "--json", str(out))
+    rows = {(r["claims"], r["mode"]): r for r in json.loads(out.read_text())}
+    ind, prop = "independent", "proportional"
+    assert set(rows) == {
+        (ind, "baseline"), (ind, "baseline-serial"), (ind, "streaming"),
+        (prop, "baseline"), (prop, "baseline-serial"), (prop, "streaming"), (prop, "sentences"),
+    }  # fmt: skip
+    for claims in (ind, prop):
+        base, stream = rows[(claims, "baseline")], rows[(claims, "streaming")]
+        serial = rows[(claims, "baseline-serial")]
+        # Streaming only removes waiting: never slower, and it sustains more at the target.
+        assert stream["p50_zero_load"] < base["p50_zero_load"] < serial["p50_zero_load"]
+        assert stream["p99_zero_load"] < base["p99_zero_load"] < serial["p99_zero_load"]
+        assert stream["max_load_at_target"] > base["max_load_at_target"] > 0
+    # Splitting the answer into sentences moves claim extraction under QA generation.
+    sent = rows[(prop, "sentences")]
+    assert sent["p99_zero_load"] < rows[(prop, "streaming")]["p99_zero_load"]
+    assert sent["max_load_at_target"] > rows[(prop, "streaming")]["max_load_at_target"]
+    assert "| sentences | proportional |" in stdout
+
+
+def test_figure2_traces(tmp_path: Path) -> None:
+    """One request per mode on the virtual clock: in the baseline no claim leaves claim
+    extraction before its whole generation is done; streaming sends the first one
+    sooner, and the first evidence with it."""
+    out, plot = tmp_path / "traces.json", tmp_path / "figure2.png"
+    stdout = run_script("figure2.py", "--json", str(out), "--plot", str(plot))
+    traces = json.loads(out.read_text())
+    assert list(traces) == ["baseline", "streaming", "sentences"]
+    first: dict[str, dict[str, float]] = {}
+    for mode, t in traces.items():
+        hops, spans = t["trace"]["hops"], t["trace"]["spans"]
+        assert t["latency_s"] > 0 and hops and spans
+        assert {h["from"] for h in hops} >= {"qa", "claims", "queries", "bm25", "rerank"}
+        first[mode] = {}
+        for h in sorted(hops, key=lambda h: h["t"]):
+            if h["to"] == "sink":
+                first[mode].setdefault(h["queue"], h["t"])
+        assert first[mode]["claims_out"] < first[mode]["evidence"] <= t["latency_s"] + 1e-6
+        assert f"| {mode} |" in stdout
+    # The baseline's claims leave together, when the claims span ends.
+    claims_end = max(
+        s["ended"] for s in traces["baseline"]["trace"]["spans"] if s["stage"] == "claims"
+    )
+    assert first["baseline"]["claims_out"] >= claims_end - 1e-6
+    assert first["streaming"]["claims_out"] < first["baseline"]["claims_out"]
+    assert first["streaming"]["evidence"] < first["baseline"]["evidence"]
+    assert first["sentences"]["claims_out"] <= first["streaming"]["claims_out"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

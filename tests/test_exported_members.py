@@ -40,6 +40,7 @@ EXPECTED = {
         "load_deployment",
         "load_pipeline",
         "open_client",
+        "prefix_key",
         "serve",
         "write",
     },

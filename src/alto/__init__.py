@@ -22,7 +22,7 @@ from ._errors import (
     UnknownPluginError,
 )
 from ._serve import ServeInfo, serve
-from ._stage import Child, Context, current_context, write
+from ._stage import Child, Context, current_context, prefix_key, write
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "load_deployment",
     "load_pipeline",
     "open_client",
+    "prefix_key",
     "serve",
     "write",
 ]
