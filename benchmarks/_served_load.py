@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from _emulated_load import bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 # Calibrated per-query times of the emulated retrieval devices (figure3.py).
@@ -58,23 +59,6 @@ def pct(xs: Sequence[float], q: float) -> float:
         return math.nan
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
-def bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
-    """An argparse ``type`` accepting ``kind`` values in ``[low, high]`` only."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'} in {low:g}..{high:g}, got {text!r}"
-            ) from None
-        if not low <= value <= high:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be in {low:g}..{high:g}, got {text}")
-        return value
-
-    return parse
 
 
 def parse_schedule(text: str) -> list[tuple[float, float]]:

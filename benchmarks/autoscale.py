@@ -47,11 +47,11 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _served_load import (  # the benchmarks directory is not a package
+from _emulated_load import bounded  # the benchmarks directory is not a package
+from _served_load import (
     LM_STAGES,
     ROOT,
     Phase,
-    bounded,
     leftovers,
     pct,
     phases_of,

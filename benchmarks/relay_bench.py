@@ -12,6 +12,9 @@ Measures side by side, in one run:
   relay, not a toy;
 * latency at a fixed rate (default 10k frames/s): one-way producer -> consumer latency
   direct and through the runtime; the difference is the hop's added latency;
+* the relay runs untraced (``trace_sample_rate = 0``): the lean peers below do not carry
+  a request's TRACED flag onto their outputs, as the stage SDK does, so a traced request's
+  frames (which take the relay's general path and record their hops) are not measured;
 * the same relay with every peer connected over TCP on 127.0.0.1, and over TLS on that
   TCP (a certificate made for the run with trustme): what instances on other machines
   cost the runtime, without a network in the way (``--no-tcp`` skips these rows).
@@ -33,6 +36,7 @@ say whether a change made the relay faster or slower on this noisy machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -145,6 +149,16 @@ def item_frames(rid: int, start: int, count: int, stamp: bool) -> bytes:
 # ---------------------------------------------------------------- roles (subprocesses)
 
 
+def _trace_setting(rate: str) -> str:
+    """The deployment line that sets the runtime's trace sampling to ``rate``, or nothing
+    for a checkout older than tracing (which would refuse the key)."""
+    from alto._config import RuntimeLimits
+
+    if "trace_sample_rate" not in {f.name for f in dataclasses.fields(RuntimeLimits)}:
+        return ""
+    return f"trace_sample_rate = {float(rate)}\n"
+
+
 def role_runtime(sock_path: str, pipeline_path: str, transport: str, certdir: str) -> None:
     """Serve the relay. ``unix``: on ``sock_path``; ``tcp``/``tls``: on 127.0.0.1, port
     written to ``sock_path + ".port"``."""
@@ -157,6 +171,7 @@ def role_runtime(sock_path: str, pipeline_path: str, transport: str, certdir: st
     deploy_path = Path(pipeline_path).with_name("deploy.toml")
     deploy_path.write_text(
         "[runtime]\ncredits = 4096\nbacklog_limit = 65536\nmax_inflight_requests = 4096\n"
+        + _trace_setting(os.environ.get("ALTO_BENCH_TRACE_RATE", "0"))
     )
     rt = Runtime(pipeline, load_deployment(deploy_path, pipeline), token=TOKEN)
 
@@ -335,6 +350,8 @@ def role_consumer(addr: str, out_path: str, direct: bool, expect: int, walk: boo
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lst.bind(addr)
     lst.listen(1)
+    import alto.testing  # noqa: F401  (walking frames needs it: imported now, not on the first frames' clock)
+
     Path(out_path + ".ready").write_text("1")
     s, _ = lst.accept()
     if walk:
@@ -500,16 +517,18 @@ def run_relay(
     window: int,
     runtime_src: str | None = None,
     transport: str = "unix",
+    trace_rate: float = 0.0,
 ) -> dict[str, object]:
     """Producer -> runtime -> 2 consumers. ``runtime_src``: the ``src/`` directory of the
     alto checkout whose runtime to measure (default: this one); ``transport``: how every
-    peer connects (``unix``, ``tcp`` or ``tls``, the last two on 127.0.0.1)."""
+    peer connects (``unix``, ``tcp`` or ``tls``, the last two on 127.0.0.1);
+    ``trace_rate``: the runtime's ``trace_sample_rate`` (0: the relay alone)."""
     pipe = tmp / "pipeline.toml"
     pipe.write_text(PIPELINE)
     sock_path = str(tmp / f"rt-{time.monotonic_ns()}.sock")
-    env = None
+    env = {**os.environ, "ALTO_BENCH_TRACE_RATE": str(trace_rate)}
     if runtime_src is not None:
-        env = {**os.environ, "PYTHONPATH": runtime_src}
+        env["PYTHONPATH"] = runtime_src
     certdir = str(tmp)
     rt = spawn(
         "--role", "runtime", "--addr", sock_path, "--pipeline", str(pipe),

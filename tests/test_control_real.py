@@ -18,9 +18,7 @@ import collections
 import importlib.util
 import json
 import os
-import queue
 import random
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import trio
 from browser_helpers import depths as shown_depths
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
+from trio_thread import TrioThread
 
 import alto
 from alto.testing import open_server
@@ -701,56 +700,28 @@ async def test_metrics_count_the_requests(tmp_path: Path) -> None:
 # -- 6. the dashboard in a browser -------------------------------------------------------
 
 
-class _RealServerThread:
+class _RealServerThread(TrioThread[str]):
     """``alto.serve`` plus a load generator in a thread of its own (its own trio.run)."""
 
+    thread_name = "alto-serve-test"
+    stop_timeout = 20.0
+
     def __init__(self, tmp_path: Path) -> None:
+        super().__init__()
         self.pipeline, self.deploy, self.name = write_pipeline(tmp_path, delay=0.03)
         self.url = ""
         self.completed = 0
         self.errors: list[str] = []
-        self._ready: queue.Queue[str | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-serve-test", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
-        self.crash: BaseException | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        result = self._ready.get(timeout=60)
-        if isinstance(result, BaseException):
-            raise result
-        self.url = result
-
-    def stop(self) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            try:
-                trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(timeout=20)
-        assert not self._thread.is_alive(), "alto.serve did not stop"
-        if self.crash is not None:
-            raise AssertionError("the server thread failed") from self.crash
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self.crash = exc
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
+    async def main(self, ready: Callable[[str], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             async with open_server(
                 self.pipeline, self.deploy, http="127.0.0.1:0", token=TOKEN
             ) as info:
                 assert info.http_url is not None
                 for seed in range(4):
                     nursery.start_soon(self._load, info.http_url, seed)
-                self._ready.put(info.http_url)
+                ready(info.http_url)
                 await trio.sleep_forever()  # until stop() cancels
 
     async def _load(self, url: str, seed: int) -> None:
@@ -775,7 +746,7 @@ class _RealServerThread:
 @pytest.fixture
 def real_server(tmp_path: Path) -> Iterator[_RealServerThread]:
     thread = _RealServerThread(tmp_path)
-    thread.start()
+    thread.url = thread.start()
     try:
         yield thread
     finally:

@@ -14,10 +14,8 @@ import dataclasses
 import importlib.util
 import json
 import os
-import queue
 import random
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import trio
 from browser_helpers import depths as shown_depths
 from browser_helpers import hidden_edges, wait_until_fits
 from control_fake import FakeRuntime
+from trio_thread import TrioThread
 
 from alto.control import serve_control
 from alto.dataplane._stats import RuntimeStatistics
@@ -46,45 +45,24 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 WAIT_S = 15
 
 
-class _ServerThread:
+class _ServerThread(TrioThread[int]):
     """serve_control plus a load generator, in a thread of its own (its own trio.run)."""
 
+    thread_name = "alto-control-test"
+
     def __init__(self, fake: FakeRuntime) -> None:
+        super().__init__()
         self.fake = fake
         self.port = 0
-        self._ready: queue.Queue[int | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-control-test", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        result = self._ready.get(timeout=10)
-        if isinstance(result, BaseException):
-            raise result
-        self.port = result
-
-    def stop(self) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
+    async def main(self, ready: Callable[[int], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             port: int = await nursery.start(
                 partial(serve_control, self.fake, "127.0.0.1", 0, token=TOKEN, stream_interval=0.1)
             )
             for seed in range(6):
                 nursery.start_soon(self._load, port, seed)
-            self._ready.put(port)
+            ready(port)
 
     async def _load(self, port: int, seed: int) -> None:
         rng = random.Random(seed)
@@ -110,7 +88,7 @@ class _ServerThread:
 @pytest.fixture
 def server() -> Iterator[_ServerThread]:
     thread = _ServerThread(FakeRuntime(step_delay=0.12))
-    thread.start()
+    thread.port = thread.start()
     try:
         yield thread
     finally:
@@ -131,7 +109,7 @@ class _SkippingRuntime(FakeRuntime):
 @pytest.fixture
 def skipping_server() -> Iterator[_ServerThread]:
     thread = _ServerThread(_SkippingRuntime(step_delay=0.12))
-    thread.start()
+    thread.port = thread.start()
     try:
         yield thread
     finally:

@@ -24,10 +24,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import queue
 import random
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -40,6 +38,7 @@ import trio
 from browser_helpers import depths as shown_depths
 from browser_helpers import wait_until_fits
 from control_fake import FacToolFakeRuntime
+from trio_thread import TrioThread
 
 import alto
 from alto.control import serve_control
@@ -158,46 +157,25 @@ def severe_logs(driver: Any, allowed: tuple[str, ...] = ()) -> list[dict[str, An
 # -- 1. the FacTool graph of the FakeRuntime ---------------------------------------------
 
 
-class _FakeThread:
+class _FakeThread(TrioThread[int]):
     """serve_control on a FacToolFakeRuntime plus a load generator, in a thread of its own."""
 
+    thread_name = "alto-fit-fake"
+
     def __init__(self, fake: FacToolFakeRuntime, clients: int) -> None:
+        super().__init__()
         self.fake = fake
         self.clients = clients
         self.port = 0
-        self._ready: queue.Queue[int | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-fit-fake", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        result = self._ready.get(timeout=10)
-        if isinstance(result, BaseException):
-            raise result
-        self.port = result
-
-    def stop(self) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
+    async def main(self, ready: Callable[[int], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             port: int = await nursery.start(
                 partial(serve_control, self.fake, "127.0.0.1", 0, token=TOKEN, stream_interval=0.1)
             )
             for seed in range(self.clients):
                 nursery.start_soon(self._load, port, seed)
-            self._ready.put(port)
+            ready(port)
 
     async def _load(self, port: int, seed: int) -> None:
         rng = random.Random(seed)
@@ -217,7 +195,7 @@ def fake_server() -> Iterator[_FakeThread]:
         instances={"queries": 20, "rerank": 20, "bm25": 7}, step_delay=0.3, jitter=0.6
     )
     thread = _FakeThread(fake, clients=24)
-    thread.start()
+    thread.port = thread.start()
     try:
         yield thread
     finally:
@@ -317,51 +295,23 @@ def _emulated_pipeline(tmp: Path) -> Path:
     return path
 
 
-class _RealThread:
+class _RealThread(TrioThread[str]):
     """``alto.serve`` of the emulated FacTool pipeline plus SQuAD load, in its own thread."""
 
+    thread_name = "alto-fit-real"
+    start_timeout = 300.0
+
     def __init__(self, tmp: Path, clients: int) -> None:
+        super().__init__()
         self.pipeline = _emulated_pipeline(tmp)
         self.deploy = ROOT / "configs" / "factool.deploy.toml"
         self.clients = clients
         self.url = ""
         self.completed = 0
         self.errors: list[str] = []
-        self.crash: BaseException | None = None
-        self._ready: queue.Queue[str | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-fit-real", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        result = self._ready.get(timeout=300)
-        if isinstance(result, BaseException):
-            raise result
-        self.url = result
-
-    def stop(self) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            try:
-                trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(timeout=60)
-        assert not self._thread.is_alive(), "alto.serve did not stop"
-        if self.crash is not None:
-            raise AssertionError("the server thread failed") from self.crash
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self.crash = exc
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
+    async def main(self, ready: Callable[[str], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             info: alto.ServeInfo = await nursery.start(
                 lambda task_status: alto.serve(
                     self.pipeline,
@@ -388,7 +338,7 @@ class _RealThread:
                     return len(ready) == 8
 
                 await _until(bm25_ready, "8 ready bm25 instances", timeout=180)
-            self._ready.put(info.http_url)
+            ready(info.http_url)
 
     async def _load(self, url: str, seed: int) -> None:
         from alto.retrieval import load_questions
@@ -431,7 +381,7 @@ def real_factool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_RealThre
         pytest.skip(f"needs the 'llm' extra (missing {', '.join(missing)})")
     thread = _RealThread(tmp_path_factory.mktemp("factool-emulated"), clients=3)
     started = time.monotonic()
-    thread.start()
+    thread.url = thread.start()
     print(f"alto serve factool-emulated: ready in {time.monotonic() - started:.0f} s")
     try:
         yield thread

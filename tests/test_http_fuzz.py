@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,6 +75,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from trio_thread import TrioThread
 
 import alto
 from alto.control import serve_control
@@ -322,43 +321,25 @@ def test_both_names_of_a_field_are_described() -> None:
 # -- a control plane on a real socket, in a thread of its own --------------------------------
 
 
-class ControlThread:
+class ControlThread(TrioThread[int]):
     """``serve_control`` for ``runtime`` on 127.0.0.1, port 0, in its own thread and trio run
     (schemathesis calls are blocking)."""
 
+    thread_name = "alto-fuzz-control"
+    start_timeout = stop_timeout = 30.0
+
     def __init__(self, runtime: Any, token: str | None = TOKEN) -> None:
+        super().__init__()
         self.runtime = runtime
         self.token = token
         self.url = ""
-        self._ready: queue.Queue[int | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-fuzz-control", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
 
-    def __enter__(self) -> ControlThread:
-        self._thread.start()
-        result = self._ready.get(timeout=30)
-        if isinstance(result, BaseException):
-            raise result
-        self.url = f"http://127.0.0.1:{result}"
+    def __enter__(self) -> ControlThread:  # type: ignore[override]
+        self.url = f"http://127.0.0.1:{self.start()}"
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "the control plane thread did not stop"
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
+    async def main(self, ready: Callable[[int], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             port: int = await nursery.start(
                 partial(
                     serve_control,
@@ -369,7 +350,7 @@ class ControlThread:
                     stream_interval=0.05,
                 )
             )
-            self._ready.put(port)
+            ready(port)
 
 
 @pytest.fixture

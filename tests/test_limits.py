@@ -22,11 +22,9 @@ import importlib.util
 import inspect
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,6 +35,7 @@ import httpx
 import pytest
 import trio
 from httpx_sse import aconnect_sse
+from trio_thread import TrioThread
 
 import alto
 from alto._config import default_max_instances, load_deployment, load_pipeline
@@ -468,45 +467,19 @@ def test_alto_serve_ends_with_one_line_for_a_deployment_past_the_limits(tmp_path
 # -- the dashboard shows a refusal ------------------------------------------------------------
 
 
-class _ServerThread:
+class _ServerThread(TrioThread[alto.ServeInfo]):
     """``alto.serve`` with HTTP and a token in a thread of its own (the browser test is
     synchronous)."""
 
+    thread_name = "alto-limits-serve"
+    start_timeout = 180.0
+
     def __init__(self, pipeline: Path, deploy: Path) -> None:
+        super().__init__()
         self.pipeline, self.deploy = pipeline, deploy
-        self.info: alto.ServeInfo | None = None
-        self._ready: queue.Queue[alto.ServeInfo | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-limits-serve", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
 
-    def __enter__(self) -> alto.ServeInfo:
-        self._thread.start()
-        result = self._ready.get(timeout=180)
-        if isinstance(result, BaseException):
-            raise result
-        self.info = result
-        return result
-
-    def __exit__(self, *exc: object) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            try:
-                trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(timeout=60)
-        assert not self._thread.is_alive(), "alto.serve did not stop"
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
-        self._trio_token = trio.lowlevel.current_trio_token()
+    async def main(self, ready: Callable[[alto.ServeInfo], None]) -> None:
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             info: alto.ServeInfo = await nursery.start(
                 lambda task_status: alto.serve(
                     self.pipeline,
@@ -518,7 +491,7 @@ class _ServerThread:
                     task_status=task_status,
                 )
             )
-            self._ready.put(info)
+            ready(info)
 
 
 @pytest.mark.slow

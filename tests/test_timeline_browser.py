@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import queue
 import re
 import shutil
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from trio_thread import TrioThread
 
 import alto
 
@@ -102,51 +101,25 @@ def _pipeline(tmp: Path) -> Path:
     return path
 
 
-class _Server:
+class _Server(TrioThread[str]):
     """``alto.serve`` in a thread of its own (selenium blocks), with a few questions sent
     through the HTTP ingress and one operator scale, before the test looks."""
 
+    thread_name = "alto-timeline"
+    start_timeout = 300.0
+
     def __init__(self, tmp: Path) -> None:
+        super().__init__()
         self.pipeline = _pipeline(tmp)
         self.deploy = tmp / "deploy.toml"
         self.deploy.write_text(DEPLOYMENT)
         self.url = ""
         self.request_ids: list[int] = []
-        self._ready: queue.Queue[str | BaseException] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="alto-timeline", daemon=True)
-        self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
-        self.crash: BaseException | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        result = self._ready.get(timeout=300)
-        if isinstance(result, BaseException):
-            raise result
-        self.url = result
-
-    def stop(self) -> None:
-        if self._trio_token is not None and self._cancel is not None:
-            try:
-                trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._trio_token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(timeout=60)
-        assert not self._thread.is_alive(), "alto.serve did not stop"
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # reported to the test thread
-            self.crash = exc
-            self._ready.put(exc)
-
-    async def _main(self) -> None:
+    async def main(self, ready: Callable[[str], None]) -> None:
         from alto.retrieval import load_questions
 
-        self._trio_token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
-            self._cancel = nursery.cancel_scope
             info: alto.ServeInfo = await nursery.start(
                 lambda task_status: alto.serve(
                     self.pipeline,
@@ -179,19 +152,17 @@ class _Server:
                         asking.start_soon(ask, i)
                 response = await c.post("/api/stages/encoder/scale", json={"instances": 2})
                 assert response.status_code == 200, response.text
-            self._ready.put(info.http_url)
+            ready(info.http_url)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
     server = _Server(tmp_path_factory.mktemp("timeline"))
-    server.start()
+    server.url = server.start()
     try:
         yield server
     finally:
         server.stop()
-        if server.crash is not None:
-            raise AssertionError("the server thread failed") from server.crash
 
 
 # What the request list and the timeline show, read in one script.

@@ -199,22 +199,17 @@ def scale(
     err: TextIO | None = None,
 ) -> int:
     """Scale ``stage`` to ``n`` instances."""
-    out = out if out is not None else sys.stdout
 
-    def action() -> None:
-        with httpx.Client(timeout=_TIMEOUT, headers=_headers(token)) as client:
-            response = client.post(f"{_base(url)}/api/stages/{stage}/scale", json={"instances": n})
-            _check(response)
-            data = response.json()
+    def show(data: dict[str, Any]) -> str:
         ids = ", ".join(str(i) for i in data["instances"]) or "none"
         target = data["target_instances"]
-        print(
+        return (
             f"stage {data['name']}: scaling to {target} instance{'s' if target != 1 else ''} "
-            f"(instances now: {ids})",
-            file=out,
+            f"(instances now: {ids})"
         )
 
-    return _run(url, err, action)
+    path = f"/api/stages/{stage}/scale"
+    return _command(url, token, "POST", path, show, body={"instances": n}, out=out, err=err)
 
 
 def drain(
@@ -226,16 +221,12 @@ def drain(
     err: TextIO | None = None,
 ) -> int:
     """Drain one instance: no new groups, finish pinned work, then stop."""
-    out = out if out is not None else sys.stdout
 
-    def action() -> None:
-        with httpx.Client(timeout=_TIMEOUT, headers=_headers(token)) as client:
-            response = client.post(f"{_base(url)}/api/instances/{instance_id}/drain")
-            _check(response)
-            data = response.json()
-        print(f"instance {data['instance']}: {data['state']}", file=out)
+    def show(data: dict[str, Any]) -> str:
+        return f"instance {data['instance']}: {data['state']}"
 
-    return _run(url, err, action)
+    path = f"/api/instances/{instance_id}/drain"
+    return _command(url, token, "POST", path, show, out=out, err=err)
 
 
 def render_top(data: dict[str, Any], url: str = "") -> str:
@@ -347,14 +338,34 @@ def cancel(
     err: TextIO | None = None,
 ) -> int:
     """Cancel a running request (``DELETE /v1/requests/{id}``)."""
+
+    def show(data: dict[str, Any]) -> str:
+        return f"request {data['request_id']}: {data['state']}"
+
+    return _command(url, token, "DELETE", f"/v1/requests/{request_id}", show, out=out, err=err)
+
+
+def _command(
+    url: str,
+    token: str | None,
+    method: str,
+    path: str,
+    show: Callable[[dict[str, Any]], str],
+    *,
+    body: dict[str, Any] | None = None,
+    out: TextIO | None,
+    err: TextIO | None,
+) -> int:
+    """One request to the control plane; ``show`` turns its JSON answer into the line
+    printed (refusals and connection errors are reported by ``_run``)."""
     out = out if out is not None else sys.stdout
 
     def action() -> None:
         with httpx.Client(timeout=_TIMEOUT, headers=_headers(token)) as client:
-            response = client.delete(f"{_base(url)}/v1/requests/{request_id}")
+            response = client.request(method, f"{_base(url)}{path}", json=body)
             _check(response)
             data = response.json()
-        print(f"request {data['request_id']}: {data['state']}", file=out)
+        print(show(data), file=out)
 
     return _run(url, err, action)
 
