@@ -165,6 +165,6 @@ def test_an_instance_that_crashes_while_starting(tmp_path: Path) -> None:
     ours = [line for line in lines if not line.startswith("[")]
     assert sum(line.startswith("alto: error:") for line in ours) == 1, ours
     assert not any("Traceback" in line or "ExceptionGroup" in line for line in ours), ours
-    assert any(line.startswith("[square/") and "Traceback" in line for line in lines)
+    assert any(line.startswith("[square/") and "Traceback" in line for line in lines), lines
     # The instances that did start were stopped.
     assert "exited with code" in result.stderr

@@ -38,6 +38,11 @@ _CANCELLED_KEPT = 65536  # cancelled request ids remembered (their frames may st
 _STATS_INTERVAL = 1.0  # seconds between STATS frames (when there is something to say)
 
 
+class SetupFailed(Exception):
+    """The stage's ``setup()`` raised (logged with its traceback, reported to the
+    runtime); the worker exits with code 1."""
+
+
 class _Output:
     def __init__(
         self, stream: ByteStream, max_frame_size: int, coalesce_acks: bool = False
@@ -197,12 +202,15 @@ class Worker:
         try:
             await self.handler.setup()
         except Exception as exc:
+            # The traceback is written first: once the runtime hears of the failure it
+            # stops every instance, this one included, and output not yet written is lost.
+            log.error("stage %s: setup failed", self.stage.name, exc_info=True)
             # Said before the connection closes, so that the runtime's "failed to start"
             # names the cause, not only the exit code.
             detail = truncate_error(f"setup failed: {type(exc).__name__}: {exc}")
             with anyio.CancelScope(shield=True):
                 await stream.send(encode(FrameKind.ERROR, [0], payload=detail.encode()))
-            raise
+            raise SetupFailed(detail) from exc
         try:
             await stream.send(encode(FrameKind.READY, [0]))
             await self._serve_ready(stream, peer, welcome)
@@ -396,10 +404,15 @@ def main() -> None:
         sys.exit(f"alto worker: missing setting {exc}")
     except Exception as exc:
         sys.exit(f"alto worker: {type(exc).__name__}: {exc}")
+    failed = False
     try:
         anyio.run(worker.run, backend=stage.backend)
-    except KeyboardInterrupt:
+    except* SetupFailed:
+        failed = True  # its traceback is logged already
+    except* KeyboardInterrupt:
         pass
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

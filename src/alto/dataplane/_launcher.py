@@ -75,6 +75,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "alto.launchers"
+OUTPUT_DRAIN_SECONDS = 2.0  # how long shutdown waits for stopped instances' last output
 
 ExitCallback = Callable[[int, "int | None"], None]
 """``on_exit(instance_id, returncode)``: an instance process ended (None: unknown code)."""
@@ -276,6 +277,8 @@ class LocalLauncher:
         self.free_gpus: dict[str, list[list[str]]] = {s: list(v) for s, v in self.gpu_plan.items()}
         self.gpu_of: dict[int, list[str]] = {}
         self.processes: dict[int, trio.Process] = {}
+        # Set when an instance's output has been read to its end (see shutdown).
+        self._watching: dict[int, trio.Event] = {}
         self.stop_timeout = deployment.runtime.stop_timeout
 
     async def spawn(self, stage: str, instance_id: int) -> None:
@@ -313,6 +316,7 @@ class LocalLauncher:
             start_new_session=True,  # Ctrl-C reaches the runtime only; it stops the children
         )
         self.processes[instance_id] = proc
+        self._watching[instance_id] = trio.Event()
         log.info("spawned %s/%d (pid %d)", stage, instance_id, proc.pid)
         self.nursery.start_soon(self._watch, stage, instance_id, proc)
 
@@ -329,6 +333,10 @@ class LocalLauncher:
                     sys.stderr.flush()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+        finally:
+            read = self._watching.pop(iid, None)
+            if read is not None:
+                read.set()
         rc = await proc.wait()
         if pending:
             sys.stderr.buffer.write(prefix + pending + b"\n")
@@ -366,3 +374,8 @@ class LocalLauncher:
             async with trio.open_nursery() as n:
                 for proc in list(self.processes.values()):
                     n.start_soon(self._terminate, proc)
+            # Their last output (a failed start's traceback, say) may still sit in the
+            # pipes: let the watchers read it to the end before serve cancels them.
+            with trio.move_on_after(OUTPUT_DRAIN_SECONDS):
+                for read in list(self._watching.values()):
+                    await read.wait()
