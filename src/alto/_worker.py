@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from ._config import PipelineConfig, StageConfig, load_pipeline, resolve
-from ._errors import RemoteProtocolError, StageError, truncate_error
+from ._errors import AltoError, RemoteProtocolError, StageError, truncate_error
 from ._stage import Context, StageHandler, StageInfo
 from ._telemetry import InputRecord, MetricDeltas, now
 from .dataplane._frames import Frame, FrameFlags, FrameKind, encode
@@ -38,9 +38,10 @@ _CANCELLED_KEPT = 65536  # cancelled request ids remembered (their frames may st
 _STATS_INTERVAL = 1.0  # seconds between STATS frames (when there is something to say)
 
 
-class SetupFailed(Exception):
+class SetupFailed(AltoError):
     """The stage's ``setup()`` raised (logged with its traceback, reported to the
-    runtime); the worker exits with code 1."""
+    runtime; the original exception is its ``__cause__``); a worker process exits with
+    code 1."""
 
 
 class _Output:
