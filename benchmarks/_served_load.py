@@ -42,11 +42,9 @@ from typing import Any
 
 import trio
 from _emulated_load import bounded
+from figure3 import ENCODER_SECONDS, RERANK_SECONDS, set_options  # figure3's calibration
 
 ROOT = Path(__file__).resolve().parents[1]
-# Calibrated per-query times of the emulated retrieval devices (figure3.py).
-ENCODER_SECONDS = 0.005
-RERANK_SECONDS = 0.002
 LM_STAGES = ("qa", "claims", "queries")
 MAX_PHASES = 16
 MAX_RATE = 100.0  # requests per second: far past what one runtime on 2 cores serves
@@ -110,8 +108,8 @@ def write_pipeline(workdir: Path, name: str) -> Path:
     """The emulated FacTool pipeline with emulated retrieval, named ``name``."""
     text = (ROOT / "configs" / "factool-emulated.toml").read_text()
     text = text.replace('name = "factool-emulated"', f'name = "{name}"', 1)
-    text = _set_options(text, "encoder", f"emulate_seconds = {ENCODER_SECONDS}")
-    text = _set_options(text, "rerank", f"k = 3, emulate_seconds = {RERANK_SECONDS}")
+    text = set_options(text, "encoder", f"emulate_seconds = {ENCODER_SECONDS}")
+    text = set_options(text, "rerank", f"k = 3, emulate_seconds = {RERANK_SECONDS}")
     path = workdir / f"{name}.toml"
     path.write_text(text)
     return path
@@ -135,16 +133,6 @@ def write_deploy(
     path = workdir / f"{name}.deploy.toml"
     path.write_text(text)
     return path
-
-
-def _set_options(text: str, stage: str, options: str) -> str:
-    """Replace the ``options`` line of ``[stages.STAGE]`` (or add one)."""
-    head = f"[stages.{stage}]\n"
-    i = text.index(head) + len(head)
-    j = text.find("\n[", i)
-    j = len(text) if j < 0 else j + 1
-    body = [ln for ln in text[i:j].splitlines() if not ln.startswith("options")]
-    return text[:i] + "\n".join([*body, f"options = {{ {options} }}"]) + "\n" + text[j:]
 
 
 # ---------------------------------------------------------------- driving a run

@@ -274,8 +274,8 @@ def write_configs(mode: str, workdir: Path, a: argparse.Namespace) -> tuple[Path
     text = text.replace('name = "factool-emulated-sentences"', f'name = "{name}"')
     text = text.replace('name = "factool-emulated"', f'name = "{name}"')
     if a.retrieval == "emulated":
-        text = _set_options(text, "encoder", f"emulate_seconds = {ENCODER_SECONDS}")
-        text = _set_options(text, "rerank", f"k = 3, emulate_seconds = {RERANK_SECONDS}")
+        text = set_options(text, "encoder", f"emulate_seconds = {ENCODER_SECONDS}")
+        text = set_options(text, "rerank", f"k = 3, emulate_seconds = {RERANK_SECONDS}")
     pipeline = workdir / f"{name}.toml"
     pipeline.write_text(text)
     deploy_text = Path(a.deploy).read_text()
@@ -289,7 +289,7 @@ def write_configs(mode: str, workdir: Path, a: argparse.Namespace) -> tuple[Path
     return pipeline, deploy
 
 
-def _set_options(text: str, stage: str, options: str) -> str:
+def set_options(text: str, stage: str, options: str) -> str:
     """Replace the ``options`` line of ``[stages.STAGE]`` (or add one)."""
     head = f"[stages.{stage}]\n"
     i = text.index(head) + len(head)

@@ -42,8 +42,8 @@ from browser_helpers import wait_until_fits
 from control_fake import FacToolFakeRuntime
 from trio_thread import TrioThread
 
-import alto
 from alto.control import serve_control
+from alto.testing import open_server
 
 pytestmark = [
     pytest.mark.browser,
@@ -313,19 +313,10 @@ class _RealThread(TrioThread[str]):
         self.errors: list[str] = []
 
     async def main(self, ready: Callable[[str], None]) -> None:
-        async with trio.open_nursery() as nursery:
-            info: alto.ServeInfo = await nursery.start(
-                lambda task_status: alto.serve(
-                    self.pipeline,
-                    self.deploy,
-                    http="127.0.0.1:0",
-                    token=TOKEN,
-                    ready_timeout=240,
-                    write_discovery=False,
-                    handle_signals=False,
-                    task_status=task_status,
-                )
-            )
+        serving = open_server(
+            self.pipeline, self.deploy, http="127.0.0.1:0", token=TOKEN, ready_timeout=240
+        )
+        async with serving as info, trio.open_nursery() as nursery:
             assert info.http_url is not None
             for seed in range(self.clients):
                 nursery.start_soon(self._load, info.http_url, seed)
@@ -341,6 +332,7 @@ class _RealThread(TrioThread[str]):
 
                 await _until(bm25_ready, "8 ready bm25 instances", timeout=180)
             ready(info.http_url)
+            await trio.sleep_forever()  # until stop() cancels
 
     async def _load(self, url: str, seed: int) -> None:
         from alto.retrieval import load_questions
